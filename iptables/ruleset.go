@@ -1,0 +1,147 @@
+// Package iptables programs the pod's traffic capture: the init container's
+// job (outrigger istio-iptables). It turns Istio-compatible flags into a
+// typed Config, builds the rules per IP family, applies each family
+// atomically with one iptables-restore, and can verify and undo what it owns.
+package iptables
+
+import (
+	"sort"
+	"strings"
+)
+
+// Family is an IP family: rules are built, applied and cleaned per family.
+type Family int
+
+const (
+	// IPv4 rules go through iptables-restore.
+	IPv4 Family = iota
+	// IPv6 rules go through ip6tables-restore.
+	IPv6
+)
+
+func (f Family) String() string {
+	if f == IPv6 {
+		return "ipv6"
+	}
+	return "ipv4"
+}
+
+// Rule is one iptables rule as it appears in iptables-restore input.
+type Rule struct {
+	// Table is filter, mangle, nat or raw.
+	Table string
+	// Chain is the chain the rule lives in (built-in or ISTIO_*).
+	Chain string
+	// Insert places the rule first in Chain ("-I chain 1"); otherwise it is
+	// appended ("-A chain").
+	Insert bool
+	// Args are the match and target arguments after the chain name,
+	// e.g. ["-p", "tcp", "-j", "ISTIO_INBOUND"].
+	Args []string
+}
+
+// Target returns the rule's jump target (the argument after -j), or "".
+func (r Rule) Target() string {
+	for i := 0; i+1 < len(r.Args); i++ {
+		if r.Args[i] == "-j" {
+			return r.Args[i+1]
+		}
+	}
+	return ""
+}
+
+// Spec renders the rule with the given verb: "-A", "-I" (adds the index 1),
+// "-D" or "-C".
+func (r Rule) Spec(verb string) string {
+	parts := []string{verb, r.Chain}
+	if verb == "-I" {
+		parts = append(parts, "1")
+	}
+	return strings.Join(append(parts, r.Args...), " ")
+}
+
+// Ruleset is every rule of one family, in build order.
+type Ruleset struct {
+	Family Family
+	Rules  []Rule
+}
+
+// builtinChains are never created or removed by us.
+var builtinChains = map[string]bool{
+	"INPUT": true, "OUTPUT": true, "FORWARD": true, "PREROUTING": true, "POSTROUTING": true,
+}
+
+// builtinTargets are jump targets that are not chains.
+func isChainTarget(t string) bool {
+	return strings.HasPrefix(t, "ISTIO_")
+}
+
+// IsOwnedChain reports whether chain is one Outrigger creates (ISTIO_*, the
+// names Istio uses, so Istio's own cleanup and ours agree).
+func IsOwnedChain(chain string) bool {
+	return !builtinChains[chain] && strings.HasPrefix(chain, "ISTIO_")
+}
+
+// Tables returns the tables the ruleset touches, sorted as iptables-save
+// sorts them (alphabetically).
+func (rs *Ruleset) Tables() []string {
+	seen := map[string]bool{}
+	for _, r := range rs.Rules {
+		seen[r.Table] = true
+	}
+	tables := make([]string, 0, len(seen))
+	for t := range seen {
+		tables = append(tables, t)
+	}
+	sort.Strings(tables)
+	return tables
+}
+
+// Chains returns the owned chains of table in order of first appearance:
+// first the chains rules live in, then chains that are only jumped to. This
+// is the order Istio emits its -N lines in.
+func (rs *Ruleset) Chains(table string) []string {
+	var chains []string
+	seen := map[string]bool{}
+	add := func(c string) {
+		if IsOwnedChain(c) && !seen[c] {
+			seen[c] = true
+			chains = append(chains, c)
+		}
+	}
+	for _, r := range rs.Rules {
+		if r.Table == table {
+			add(r.Chain)
+		}
+	}
+	for _, r := range rs.Rules {
+		if r.Table == table && isChainTarget(r.Target()) {
+			add(r.Target())
+		}
+	}
+	return chains
+}
+
+// RestoreInput renders the ruleset as input for "iptables-restore --noflush":
+// per table "* table", the -N lines, the rules, then COMMIT.
+func (rs *Ruleset) RestoreInput() string {
+	var b strings.Builder
+	for _, table := range rs.Tables() {
+		b.WriteString("* " + table + "\n")
+		for _, c := range rs.Chains(table) {
+			b.WriteString("-N " + c + "\n")
+		}
+		for _, r := range rs.Rules {
+			if r.Table != table {
+				continue
+			}
+			verb := "-A"
+			if r.Insert {
+				verb = "-I"
+			}
+			b.WriteString(r.Spec(verb) + "\n")
+		}
+		b.WriteString("COMMIT\n")
+	}
+	return b.String()
+}
