@@ -6,6 +6,7 @@ package iptables
 
 import (
 	"sort"
+	"strconv"
 	"strings"
 )
 
@@ -32,9 +33,10 @@ type Rule struct {
 	Table string
 	// Chain is the chain the rule lives in (built-in or ISTIO_*).
 	Chain string
-	// Insert places the rule first in Chain ("-I chain 1"); otherwise it is
-	// appended ("-A chain").
-	Insert bool
+	// Pos is the 1-based position for an insert ("-I chain Pos"); 0 appends
+	// ("-A chain"). Inserts are applied in build order, so of several
+	// "-I chain 1" rules the last one ends up first, as with Istio.
+	Pos int
 	// Args are the match and target arguments after the chain name,
 	// e.g. ["-p", "tcp", "-j", "ISTIO_INBOUND"].
 	Args []string
@@ -50,12 +52,24 @@ func (r Rule) Target() string {
 	return ""
 }
 
-// Spec renders the rule with the given verb: "-A", "-I" (adds the index 1),
-// "-D" or "-C".
+// Verb is how the rule is added: "-I" when Pos is set, else "-A".
+func (r Rule) Verb() string {
+	if r.Pos > 0 {
+		return "-I"
+	}
+	return "-A"
+}
+
+// Spec renders the rule with the given verb: "-A", "-I" (adds Pos, or 1
+// when Pos is 0), "-D" or "-C" (no position: they match by rule spec).
 func (r Rule) Spec(verb string) string {
 	parts := []string{verb, r.Chain}
 	if verb == "-I" {
-		parts = append(parts, "1")
+		pos := r.Pos
+		if pos < 1 {
+			pos = 1
+		}
+		parts = append(parts, strconv.Itoa(pos))
 	}
 	return strings.Join(append(parts, r.Args...), " ")
 }
@@ -135,11 +149,7 @@ func (rs *Ruleset) RestoreInput() string {
 			if r.Table != table {
 				continue
 			}
-			verb := "-A"
-			if r.Insert {
-				verb = "-I"
-			}
-			b.WriteString(r.Spec(verb) + "\n")
+			b.WriteString(r.Spec(r.Verb()) + "\n")
 		}
 		b.WriteString("COMMIT\n")
 	}
