@@ -76,9 +76,16 @@ type Config struct {
 	// EnableIPv6 is derived: the pod has an IPv6 address (see Istio's rules
 	// with and without --dual-stack). IPv6 rules are built only when true.
 	EnableIPv6 bool
+	// HostIP is derived with EnableIPv6: the first non-loopback, non-link-local
+	// address of the pod (invalid when there is none). --run-validation
+	// listens on [::1] instead of 127.0.0.1 when it is IPv6, as Istio does.
+	HostIP netip.Addr
 
 	// DryRun is -n/--dry-run, DRY_RUN: print the restore input, change nothing.
 	DryRun bool
+	// DryRunFilePath is DRY_RUN_FILE_PATH: with DryRun, also write the
+	// output there. Default "".
+	DryRunFilePath string
 	// SkipRuleApply is --skip-rule-apply, SKIP_RULE_APPLY.
 	SkipRuleApply bool
 	// RunValidation is --run-validation, RUN_VALIDATION (failure exits 126).
@@ -100,7 +107,33 @@ type Config struct {
 	NetworkNamespace string
 	// CNIMode is --cni-mode, CNI_MODE.
 	CNIMode bool
+	// NativeNftables is --native-nftables, NATIVE_NFTABLES: accepted so
+	// Istio's templates work, but not supported: iptables is used, with a
+	// warning.
+	NativeNftables bool
 }
+
+// DefaultConfig returns Istio's istio-iptables defaults: the values used for
+// every flag and env var that is not set. ParseConfig starts from it.
+func DefaultConfig() Config {
+	return Config{
+		ProxyPort:               15001,
+		InboundCapturePort:      15006,
+		InboundTunnelPort:       15008,
+		ProxyUIDs:               []string{DefaultProxyUID},
+		ProxyGIDs:               []string{DefaultProxyUID},
+		Mode:                    ModeRedirect,
+		InboundTProxyMark:       1337,
+		InboundTProxyRouteTable: 133,
+		HostIPv4LoopbackCIDR:    netip.MustParsePrefix("127.0.0.1/32"),
+		ProbePort:               15002,
+		ProbeTimeout:            5 * time.Second,
+	}
+}
+
+// DefaultProxyUID is the proxy's uid (and gid) when ENVOY_USER cannot be
+// looked up, as Istio's istio-proxy image defines it.
+const DefaultProxyUID = "1337"
 
 // Plan is what Build produces from a Config: the rules per family and the
 // policy routes TPROXY needs. A nil V6 means no IPv6 rules.
@@ -110,6 +143,11 @@ type Plan struct {
 	// "ip route add local default dev lo table T") per family; empty in
 	// REDIRECT mode.
 	Routes []PolicyRoute
+	// LoopbackAddrs are the addresses to add to lo before the rules apply:
+	// ::6/128 when IPv6 is enabled (the inbound passthrough source, which IPv6
+	// cannot bind on lo otherwise; Istio's ConfigureRoutes). "File exists" is
+	// not an error.
+	LoopbackAddrs []netip.Prefix
 }
 
 // PolicyRoute is one fwmark rule plus its local default route.
@@ -128,4 +166,12 @@ func (p *Plan) Rulesets() []*Ruleset {
 		}
 	}
 	return out
+}
+
+// dnsCaptureEnabled reports whether DNS rules are built: --redirect-dns with
+// either --capture-all-dns or at least one resolver to capture. Istio turns
+// --redirect-dns without servers into no DNS capture (with a warning, logged
+// by ParseConfig).
+func (c *Config) dnsCaptureEnabled() bool {
+	return c.RedirectDNS && (c.CaptureAllDNS || len(c.DNSServersV4)+len(c.DNSServersV6) > 0)
 }

@@ -155,3 +155,33 @@ func (rs *Ruleset) RestoreInput() string {
 	}
 	return b.String()
 }
+
+// Render is the dry-run text of the plan: per family, a comment line naming
+// the command, then its exact restore input; then the TPROXY policy routes
+// and loopback addresses as comments. Comment lines are valid restore input,
+// so each family's part can be fed to iptables-restore as is.
+func (p *Plan) Render() string {
+	var b strings.Builder
+	for _, rs := range p.Rulesets() {
+		cmd := "iptables-restore"
+		if rs.Family == IPv6 {
+			cmd = "ip6tables-restore"
+		}
+		b.WriteString("# " + rs.Family.String() + ": " + cmd + " --noflush\n")
+		b.WriteString(rs.RestoreInput())
+	}
+	for _, a := range p.LoopbackAddrs {
+		b.WriteString("# ip addr add " + a.String() + " dev lo\n")
+	}
+	for _, r := range p.Routes {
+		flag := "-4"
+		if r.Family == IPv6 {
+			flag = "-6"
+		}
+		mark := strconv.FormatUint(uint64(r.Mark), 10)
+		table := strconv.Itoa(r.Table)
+		b.WriteString("# ip " + flag + " rule add fwmark " + mark + " lookup " + table + "\n")
+		b.WriteString("# ip " + flag + " route add local default dev lo table " + table + "\n")
+	}
+	return b.String()
+}
