@@ -1,0 +1,117 @@
+package iptables
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	goipt "github.com/coreos/go-iptables/iptables"
+	"go.uber.org/zap"
+)
+
+// cleanup removes everything we own, in both families, on every backend
+// that holds any of it: every ISTIO_* chain and every rule that jumps to
+// one, found in the saved state (not derived from the flags, so a run with
+// other flags, or Istio's own rules, are removed too), plus the plan's
+// rules in built-in chains that jump nowhere owned (-c/-k RETURNs, TPROXY
+// marks), which only the flags can identify. One restore per backend and
+// family; each table is one atomic commit. It returns the final save
+// output per backend for the log.
+func cleanup(ctx context.Context, r *runner, cfg *Config, plan *Plan, log *zap.Logger) ([]finalState, error) {
+	var errs []error
+	var finals []finalState
+	for _, fam := range []Family{IPv4, IPv6} {
+		var rs *Ruleset
+		if fam == IPv4 {
+			rs = plan.V4
+		} else {
+			rs = plan.V6
+		}
+		exp := expectRuleset(rs)
+		builtin := builtinSpecs(exp)
+		for _, b := range findBackends(ctx, r, fam) {
+			st := readState(ctx, r, b)
+			if st.Err != nil {
+				// An IPv6-less kernel or a backend the kernel lacks holds
+				// nothing of ours.
+				log.Debug("backend not readable; nothing to clean there", zap.String("backend", b.String()), zap.Error(st.Err))
+				continue
+			}
+			input := transition(st.St, builtin, desired{})
+			if input == "" {
+				finals = append(finals, finalState{B: b, Save: st.Raw})
+				continue
+			}
+			log.Info("removing ISTIO_* chains and jumps", zap.String("backend", b.String()))
+			if err := restore(ctx, r, b, input); err != nil {
+				errs = append(errs, fmt.Errorf("cleanup %s: %w", b, err))
+				continue
+			}
+			if st.St.hasOwned() {
+				missingBuiltin(ctx, b, st.St, exp, log)
+			}
+			after := readState(ctx, r, b)
+			finals = append(finals, finalState{B: b, Save: after.Raw})
+		}
+	}
+	if err := cleanupRoutes(ctx, r, cfg, plan); err != nil {
+		errs = append(errs, err)
+	}
+	return finals, errors.Join(errs...)
+}
+
+// missingBuiltin is the safety net behind the canonical comparison: a
+// plan rule in a built-in chain that was not found in the saved text (a
+// spelling canonicalSpec does not know) is checked with "iptables -C" and
+// deleted if present. With known spellings it finds nothing to do and
+// costs no exec beyond go-iptables' version probe, and only runs when the
+// backend held our chains.
+func missingBuiltin(ctx context.Context, b *backend, st *savedState, exp map[string]*expectedTable, log *zap.Logger) {
+	var ipt *goipt.IPTables
+	for table, et := range exp {
+		t := st.table(table)
+		for chain, specs := range et.Rules {
+			if IsOwnedChain(chain) {
+				continue
+			}
+			for _, spec := range specs {
+				if IsOwnedChain(specTarget(spec)) || (t != nil && hasRule(t, chain, spec)) {
+					continue
+				}
+				if ipt == nil {
+					proto := goipt.ProtocolIPv4
+					if b.Family == IPv6 {
+						proto = goipt.ProtocolIPv6
+					}
+					var err error
+					if ipt, err = goipt.New(goipt.IPFamily(proto), goipt.Path(b.Bin)); err != nil {
+						log.Debug("go-iptables unavailable", zap.Error(err))
+						return
+					}
+				}
+				args := strings.Fields(spec)
+				if ok, err := ipt.Exists(table, chain, args...); err == nil && ok {
+					if err := ipt.Delete(table, chain, args...); err != nil {
+						log.Warn("could not delete rule", zap.String("table", table), zap.String("chain", chain), zap.String("rule", spec), zap.Error(err))
+					}
+				}
+			}
+		}
+	}
+}
+
+func hasRule(t *savedTable, chain, spec string) bool {
+	for _, r := range t.Rules {
+		if r.Chain == chain && r.Spec == spec {
+			return true
+		}
+	}
+	return false
+}
+
+// finalState is one backend's save output at the end of a run.
+type finalState struct {
+	B    *backend
+	Save string
+}
