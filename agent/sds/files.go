@@ -1,0 +1,292 @@
+package sds
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	"github.com/fsnotify/fsnotify"
+	"go.uber.org/zap"
+
+	"github.com/outrigger-mesh/outrigger/agent/certs"
+)
+
+// fileResource is a secret read from disk: a key and chain, or a bundle of
+// roots.
+type fileResource struct {
+	name              string
+	certPath, keyPath string // key and chain; empty for roots
+	rootPath          string // roots; empty for key and chain
+	last              []byte // content last published
+}
+
+// parseFileResource maps an SDS resource name to files. ok is false when the
+// name is not a file resource.
+func parseFileResource(name, systemRoots string) (res *fileResource, ok bool, err error) {
+	switch {
+	case name == SystemRootResource:
+		if systemRoots == "" {
+			return nil, true, fmt.Errorf("%s: no OS trust bundle found (looked for %s)", name, strings.Join(systemRootCandidates, ", "))
+		}
+		return &fileResource{name: name, rootPath: systemRoots}, true, nil
+	case strings.HasPrefix(name, FileRootPrefix):
+		p := strings.TrimPrefix(name, FileRootPrefix)
+		if p == "" {
+			return nil, true, fmt.Errorf("SDS resource %q: want file-root:<path>", name)
+		}
+		return &fileResource{name: name, rootPath: p}, true, nil
+	case strings.HasPrefix(name, FileCertPrefix):
+		c, k, found := strings.Cut(strings.TrimPrefix(name, FileCertPrefix), "~")
+		if !found || c == "" || k == "" {
+			return nil, true, fmt.Errorf("SDS resource %q: want file-cert:<cert path>~<key path>", name)
+		}
+		return &fileResource{name: name, certPath: c, keyPath: k}, true, nil
+	}
+	return nil, false, nil
+}
+
+func (r *fileResource) paths() []string {
+	if r.rootPath != "" {
+		return []string{r.rootPath}
+	}
+	return []string{r.certPath, r.keyPath}
+}
+
+// load reads and checks the files. Errors name the file at fault.
+func (r *fileResource) load(now time.Time) ([]byte, *tlsv3.Secret, error) {
+	if r.rootPath != "" {
+		b, err := os.ReadFile(r.rootPath)
+		if err != nil {
+			return nil, nil, fmt.Errorf("%s: read roots: %w", r.name, err)
+		}
+		if _, _, err := certs.ParseRoots(b); err != nil {
+			return nil, nil, fmt.Errorf("%s: roots file %s: %w", r.name, r.rootPath, err)
+		}
+		return b, rootSecret(r.name, b), nil
+	}
+	chain, err := os.ReadFile(r.certPath)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: read certificate chain: %w", r.name, err)
+	}
+	key, err := os.ReadFile(r.keyPath)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: read private key: %w", r.name, err)
+	}
+	if _, err := certs.VerifyChain(chain, certs.Check{KeyPEM: key, Now: now}); err != nil {
+		return nil, nil, fmt.Errorf("%s: refusing certificate %s with key %s: %w", r.name, r.certPath, r.keyPath, err)
+	}
+	content := append(append(bytes.Clone(chain), 0), key...)
+	return content, keyCertSecret(r.name, chain, key), nil
+}
+
+// fileWatcher serves file resources and pushes them again when their files
+// change. It watches directories, not files: Kubernetes replaces a mounted
+// Secret by swapping the "..data" symlink in the mount directory, which a
+// watch on the old file never sees.
+type fileWatcher struct {
+	log      *zap.Logger
+	store    *store
+	metrics  *metrics
+	debounce time.Duration
+	system   string
+
+	mu   sync.Mutex
+	w    *fsnotify.Watcher // nil until run starts
+	res  map[string]*fileResource
+	dirs map[string]bool
+}
+
+func newFileWatcher(log *zap.Logger, st *store, m *metrics, debounce time.Duration, systemRoots string) *fileWatcher {
+	return &fileWatcher{
+		log: log, store: st, metrics: m, debounce: debounce, system: systemRoots,
+		res: map[string]*fileResource{}, dirs: map[string]bool{},
+	}
+}
+
+// ensure makes sure the named file resource is loaded and watched. It
+// returns ok=false for names that are not file resources.
+func (f *fileWatcher) ensure(name string) (ok bool, err error) {
+	res, ok, err := parseFileResource(name, f.system)
+	if !ok || err != nil {
+		return ok, err
+	}
+	return true, f.add(res, true)
+}
+
+// add loads res, publishes it and watches its files. With mustLoad false a
+// load failure is only logged: the watch stays, and the resource appears
+// once the files are right.
+func (f *fileWatcher) add(res *fileResource, mustLoad bool) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.w == nil {
+		return errors.New("SDS file watcher is not running")
+	}
+	if _, known := f.res[res.name]; known {
+		if _, ok := f.store.get(res.name); ok {
+			return nil
+		}
+		res = f.res[res.name]
+	}
+	content, sec, err := res.load(time.Now())
+	if err != nil {
+		f.metrics.secretFailures.Inc()
+		if mustLoad {
+			return err
+		}
+		f.log.Error("cannot serve file secret yet; waiting for the files to change", zap.Error(err))
+	} else {
+		f.publishLocked(res, content, sec)
+		f.log.Info("serving file secret", zap.String("resource", res.name))
+	}
+	f.res[res.name] = res
+	f.watchLocked(res)
+	return nil
+}
+
+// watchLocked watches the directory of each file and of its symlink target.
+func (f *fileWatcher) watchLocked(res *fileResource) {
+	for _, p := range res.paths() {
+		dirs := []string{filepath.Dir(abs(p))}
+		if t, err := filepath.EvalSymlinks(p); err == nil {
+			dirs = append(dirs, filepath.Dir(abs(t)))
+		}
+		for _, d := range dirs {
+			if f.dirs[d] {
+				continue
+			}
+			if err := f.w.Add(d); err != nil {
+				f.metrics.watchFailures.Inc()
+				f.log.Error("cannot watch certificate directory; changes to its files will be missed until the next event elsewhere",
+					zap.String("dir", d), zap.String("resource", res.name), zap.Error(err))
+				continue
+			}
+			f.dirs[d] = true
+		}
+	}
+}
+
+func abs(p string) string {
+	if a, err := filepath.Abs(p); err == nil {
+		return a
+	}
+	return p
+}
+
+// start opens the inotify watcher; run must follow.
+func (f *fileWatcher) start() error {
+	w, err := fsnotify.NewWatcher()
+	if err != nil {
+		f.metrics.watchFailures.Inc()
+		return fmt.Errorf("sds: start file watcher: %w", err)
+	}
+	f.mu.Lock()
+	f.w = w
+	f.mu.Unlock()
+	return nil
+}
+
+// run debounces file events and reloads. A reload that fails (say the key
+// was written before its certificate) is retried with growing waits for a
+// while; the old secret stays served meanwhile.
+func (f *fileWatcher) run(ctx context.Context) error {
+	defer func() {
+		f.mu.Lock()
+		_ = f.w.Close()
+		f.mu.Unlock()
+	}()
+	var (
+		timer   *time.Timer
+		timerC  <-chan time.Time
+		retries int
+	)
+	const maxRetries = 7 // 100ms doubling: about 25s in all
+	arm := func(d time.Duration) {
+		if timer == nil {
+			timer = time.NewTimer(d)
+		} else {
+			timer.Reset(d)
+		}
+		timerC = timer.C
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			if timer != nil {
+				timer.Stop()
+			}
+			return nil
+		case ev, ok := <-f.w.Events:
+			if !ok {
+				return nil
+			}
+			if ev.Has(fsnotify.Remove) {
+				f.mu.Lock()
+				delete(f.dirs, filepath.Clean(ev.Name)) // the kernel dropped that watch
+				f.mu.Unlock()
+			}
+			if timerC == nil {
+				retries = 0
+				arm(f.debounce)
+			}
+		case err, ok := <-f.w.Errors:
+			if !ok {
+				return nil
+			}
+			f.metrics.watchFailures.Inc()
+			f.log.Error("certificate file watch error", zap.Error(err))
+		case <-timerC:
+			timerC = nil
+			if f.reloadAll() {
+				retries = 0
+				continue
+			}
+			if retries < maxRetries {
+				arm(f.debounce << retries)
+				retries++
+			}
+		}
+	}
+}
+
+// reloadAll reads every file resource again and publishes those that
+// changed. It reports whether all loaded.
+func (f *fileWatcher) reloadAll() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	allOK := true
+	now := time.Now()
+	for _, res := range f.res {
+		content, sec, err := res.load(now)
+		if err != nil {
+			allOK = false
+			f.metrics.secretFailures.Inc()
+			f.log.Error("certificate files changed but cannot be used; still serving the previous secret", zap.Error(err))
+			continue
+		}
+		f.watchLocked(res) // a symlink swap may point somewhere new
+		if bytes.Equal(content, res.last) {
+			continue
+		}
+		f.publishLocked(res, content, sec)
+		f.log.Info("certificate files changed: pushing to Envoy", zap.String("resource", res.name))
+	}
+	return allOK
+}
+
+func (f *fileWatcher) publishLocked(res *fileResource, content []byte, sec *tlsv3.Secret) {
+	res.last = content
+	f.store.set(res.name, sec)
+	if res.name == WorkloadResource {
+		if v, err := certs.VerifyChain(sec.GetTlsCertificate().GetCertificateChain().GetInlineBytes(), certs.Check{}); err == nil {
+			f.metrics.setExpiry(v.NotAfter)
+		}
+	}
+}
