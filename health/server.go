@@ -105,6 +105,7 @@ func (s *Server) statusPort() uint16 { return s.StatusAddr().Port() }
 // readiness while it closes the listeners gracefully. It returns nil on a
 // clean stop and an error when a port cannot be bound or serving fails.
 func (s *Server) Run(ctx context.Context) error {
+	defer s.closeIdle()
 	defer s.ready.wait()
 	defer s.baseCancel()
 
@@ -157,6 +158,15 @@ func (s *Server) Run(ctx context.Context) error {
 	err = g.Wait()
 	s.log.Info("status server stopped")
 	return err
+}
+
+// closeIdle drops kept-alive client connections so nothing outlives Run.
+func (s *Server) closeIdle() {
+	s.scrapeClient.CloseIdleConnections()
+	s.ready.client.CloseIdleConnections()
+	for _, c := range s.prober.clients {
+		c.CloseIdleConnections()
+	}
 }
 
 func listen(addr netip.Addr, port uint16) (net.Listener, error) {
