@@ -8,7 +8,6 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
-
 )
 
 func TestReadinessFromEnvoyStats(t *testing.T) {
