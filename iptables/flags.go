@@ -176,10 +176,19 @@ func RegisterFlags(fs *pflag.FlagSet) {
 	}
 }
 
-// ChangedFlags returns the flags set on the command line, by long name,
-// with their raw values: the Inputs.Flags of ParseConfig.
+// ChangedFlags returns the istio-iptables flags set on the command line, by
+// long name, with their raw values: the Inputs.Flags of ParseConfig. Other
+// flags of fs (such as the log flags) are left out.
 func ChangedFlags(fs *pflag.FlagSet) map[string]string {
+	known := map[string]bool{}
+	for _, s := range FlagSpecs() {
+		known[s.Name] = s.Name != ""
+	}
 	set := map[string]string{}
-	fs.Visit(func(f *pflag.Flag) { set[f.Name] = f.Value.String() })
+	fs.VisitAll(func(f *pflag.Flag) {
+		if f.Changed && known[f.Name] {
+			set[f.Name] = f.Value.String()
+		}
+	})
 	return set
 }

@@ -57,6 +57,7 @@ func newRootCmd() *cobra.Command {
 
 	root.AddCommand(
 		newVersionCmd(),
+		newIptablesCmd(g),
 	)
 	tolerateUnknownFlags(root)
 	return root
