@@ -1,0 +1,187 @@
+package xdsproxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/status"
+)
+
+// Proxy serves ADS on the pod's unix socket and carries each Envoy stream
+// to the control plane.
+type Proxy struct {
+	cfg     Config
+	log     *zap.Logger
+	codec   rawCodec
+	metrics *metrics
+	cache   *lastGood
+
+	tokenWarned atomic.Bool
+	lastConfig  atomic.Int64 // unix nanos of the last upstream response
+	connected   atomic.Int32 // upstream streams established now
+
+	mu     sync.Mutex
+	active *session
+	nextID uint64
+}
+
+// New validates cfg and builds a proxy; Run starts serving.
+func New(cfg Config, log *zap.Logger) (*Proxy, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	return &Proxy{
+		cfg:     cfg,
+		log:     log.Named("xdsproxy"),
+		codec:   newRawCodec(),
+		metrics: newMetrics(cfg.Registerer),
+		cache:   newLastGood(),
+	}, nil
+}
+
+// SocketPath is the socket the proxy listens on (after defaults).
+func (p *Proxy) SocketPath() string { return p.cfg.SocketPath }
+
+// Connected reports whether an upstream stream is established now.
+func (p *Proxy) Connected() bool { return p.connected.Load() > 0 }
+
+// LastConfigReceived is when the control plane last sent a response (zero
+// if never).
+func (p *Proxy) LastConfigReceived() time.Time {
+	n := p.lastConfig.Load()
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n)
+}
+
+// Run listens on the socket and serves until ctx ends; it returns nil on a
+// clean stop.
+func (p *Proxy) Run(ctx context.Context) error {
+	lis, err := listenUnix(p.cfg.SocketPath)
+	if err != nil {
+		return err
+	}
+	srv := grpc.NewServer(
+		grpc.ForceServerCodecV2(p.codec),
+		grpc.MaxRecvMsgSize(maxMsgSize),
+		grpc.MaxSendMsgSize(maxMsgSize),
+		grpc.MaxConcurrentStreams(100000),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: p.cfg.KeepaliveInterval, Timeout: p.cfg.KeepaliveTimeout}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 15 * time.Second, PermitWithoutStream: true}),
+	)
+	discovery.RegisterAggregatedDiscoveryServiceServer(srv, adsServer{p})
+
+	p.log.Info("serving xDS", zap.String("socket", p.cfg.SocketPath), zap.String("upstream", p.cfg.DiscoveryAddress))
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(lis) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("xdsproxy: serve %s: %w", p.cfg.SocketPath, err)
+	case <-ctx.Done():
+	}
+	// Streams are endless, so there is nothing to drain: stop, which ends
+	// every Envoy stream and, through them, the upstream streams.
+	srv.Stop()
+	<-errc
+	_ = os.Remove(p.cfg.SocketPath)
+	return nil
+}
+
+// listenUnix prepares the socket: its directory (0750), no stale socket
+// left by a previous run, and mode 0666 so every process in the pod
+// (proxyless gRPC applications run as other users) can connect, as Istio.
+func listenUnix(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return nil, fmt.Errorf("xdsproxy: create socket directory: %w", err)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("xdsproxy: remove stale socket %s: %w", path, err)
+	}
+	lis, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("xdsproxy: listen on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o666); err != nil {
+		lis.Close()
+		return nil, fmt.Errorf("xdsproxy: chmod socket %s: %w", path, err)
+	}
+	return lis, nil
+}
+
+// errReplaced ends a stream when Envoy opens a newer one.
+var errReplaced = errors.New("replaced by a newer stream from Envoy")
+
+// register makes s the active stream and closes the previous one: a
+// restarted or reconnecting Envoy must not leave an old upstream stream
+// behind.
+func (p *Proxy) register(s *session) {
+	p.mu.Lock()
+	old := p.active
+	p.active = s
+	p.nextID++
+	s.id = p.nextID
+	p.mu.Unlock()
+	if old != nil {
+		p.log.Info("new stream from Envoy; closing the previous one", zap.Uint64("previous", old.id), zap.Uint64("stream", s.id))
+		old.cancel(errReplaced)
+	}
+}
+
+func (p *Proxy) unregister(s *session) {
+	p.mu.Lock()
+	if p.active == s {
+		p.active = nil
+	}
+	p.mu.Unlock()
+}
+
+// adsServer adapts the proxy to the generated service interface.
+type adsServer struct{ p *Proxy }
+
+func (a adsServer) StreamAggregatedResources(stream discovery.AggregatedDiscoveryService_StreamAggregatedResourcesServer) error {
+	return a.p.serve(stream, false)
+}
+
+func (a adsServer) DeltaAggregatedResources(stream discovery.AggregatedDiscoveryService_DeltaAggregatedResourcesServer) error {
+	return a.p.serve(stream, true)
+}
+
+func (p *Proxy) serve(stream grpc.ServerStream, delta bool) error {
+	s := newSession(p, stream, delta)
+	p.register(s)
+	defer p.unregister(s)
+	err := s.run()
+	kind := "error"
+	switch {
+	case err == nil:
+		kind = "cancelled"
+	case errors.Is(err, errReplaced):
+		kind = "replaced"
+	}
+	p.metrics.envoyTerms.WithLabelValues(kind).Inc()
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, errReplaced):
+		return status.Error(codes.Aborted, err.Error())
+	default:
+		return status.Error(codes.Unavailable, err.Error())
+	}
+}
