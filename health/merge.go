@@ -192,9 +192,9 @@ func decodeFamilies(body []byte, format expfmt.Format) ([]*dto.MetricFamily, err
 }
 
 // merger joins metric families from several sources. The first source to
-// name a family owns its type and HELP; later sources add series with label
-// sets not seen yet, or are dropped when the type differs, so the output
-// never carries a name twice (which Prometheus would reject).
+// name a family owns its name, type and HELP; later sources add series with
+// label sets not seen yet, or are dropped when the name or type differs, so
+// the output never announces a family twice (which Prometheus would reject).
 type merger struct {
 	fams map[string]*dto.MetricFamily
 }
@@ -208,12 +208,13 @@ func (m *merger) add(fams []*dto.MetricFamily) int {
 		if len(mf.GetMetric()) == 0 {
 			continue
 		}
-		have, ok := m.fams[mf.GetName()]
+		key := familyKey(mf)
+		have, ok := m.fams[key]
 		if !ok {
-			m.fams[mf.GetName()] = mf
+			m.fams[key] = mf
 			continue
 		}
-		if have.GetType() != mf.GetType() {
+		if have.GetType() != mf.GetType() || have.GetName() != mf.GetName() {
 			dropped++
 			continue
 		}
@@ -228,6 +229,16 @@ func (m *merger) add(fams []*dto.MetricFamily) int {
 		}
 	}
 	return dropped
+}
+
+// familyKey is the name a family's metadata carries in OpenMetrics, where a
+// counter foo_total is announced as foo: a gauge foo and a counter foo_total
+// from two sources would otherwise both claim "# TYPE foo".
+func familyKey(mf *dto.MetricFamily) string {
+	if mf.GetType() == dto.MetricType_COUNTER {
+		return strings.TrimSuffix(mf.GetName(), "_total")
+	}
+	return mf.GetName()
 }
 
 func labelKey(m *dto.Metric) string {
