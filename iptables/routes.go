@@ -3,116 +3,119 @@ package iptables
 import (
 	"context"
 	"fmt"
-	"net/netip"
-	"strconv"
 	"strings"
 )
 
-// ipBatch runs "ip -force -batch -" with lines: one exec for every route
-// change. It returns the error messages of failed lines, minus those
-// matching ignore (such as "File exists" when adding).
-func ipBatch(ctx context.Context, r *runner, lines []string, ignore ...string) []string {
+// ipBatch runs "ip -4|-6 -force -batch -" with lines: one exec for all of
+// a family's changes. It returns the error messages of failed lines.
+func ipBatch(ctx context.Context, r *runner, fam Family, lines []string) []string {
 	if len(lines) == 0 {
 		return nil
 	}
-	_, err := r.run(ctx, strings.Join(lines, "\n")+"\n", "ip", "-force", "-batch", "-")
+	flag := "-4"
+	if fam == IPv6 {
+		flag = "-6"
+	}
+	_, err := r.run(ctx, strings.Join(lines, "\n")+"\n", "ip", flag, "-force", "-batch", "-")
 	if err == nil {
 		return nil
 	}
 	ee, ok := err.(*execError)
-	if !ok {
+	if !ok || strings.TrimSpace(ee.Stderr) == "" {
 		return []string{err.Error()}
 	}
 	var failed []string
-next:
 	for _, l := range strings.Split(ee.Stderr, "\n") {
-		l = strings.TrimSpace(l)
-		if l == "" || strings.HasPrefix(l, "Command failed") {
-			continue
+		if l = strings.TrimSpace(l); l != "" && !strings.HasPrefix(l, "Command failed") {
+			failed = append(failed, l)
 		}
-		for _, ig := range ignore {
-			if strings.Contains(l, ig) {
-				continue next
-			}
-		}
-		failed = append(failed, l)
-	}
-	if len(failed) == 0 && ee.Stderr == "" {
-		failed = append(failed, err.Error())
 	}
 	return failed
 }
 
-func ipFamilyFlag(f Family) string {
-	if f == IPv6 {
-		return "-6"
-	}
-	return "-4"
+func ruleLine(verb string, rt PolicyRoute) string {
+	return fmt.Sprintf("rule %s fwmark %d lookup %d", verb, rt.Mark, rt.Table)
 }
 
-func routeLines(verb string, rt PolicyRoute) []string {
-	fam := ipFamilyFlag(rt.Family)
-	mark, table := strconv.FormatUint(uint64(rt.Mark), 10), strconv.Itoa(rt.Table)
-	routeVerb := verb
-	if verb == "add" {
-		// replace: the route may already be there from an earlier run.
-		routeVerb = "replace"
-	}
-	return []string{
-		fam + " rule " + verb + " fwmark " + mark + " lookup " + table,
-		fam + " route " + routeVerb + " local default dev lo table " + table,
-	}
+func routeLine(verb string, rt PolicyRoute) string {
+	return fmt.Sprintf("route %s local default dev lo table %d", verb, rt.Table)
 }
 
-// applyRoutes adds the loopback addresses and TPROXY policy routes. Ones
-// already present are fine (a re-run).
+// applyRoutes adds the loopback addresses and TPROXY policy routes that
+// are missing (the kernel would accept a duplicate rule, so it checks
+// first): nothing at all on a re-run.
 func applyRoutes(ctx context.Context, r *runner, plan *Plan) error {
-	var lines []string
+	lines := map[Family][]string{}
 	for _, a := range plan.LoopbackAddrs {
-		lines = append(lines, "addr add "+a.String()+" dev lo")
+		if !hasLoopbackAddr(a) {
+			fam := IPv4
+			if a.Addr().Is6() {
+				fam = IPv6
+			}
+			lines[fam] = append(lines[fam], "addr replace "+a.String()+" dev lo nodad")
+		}
 	}
 	for _, rt := range plan.Routes {
-		lines = append(lines, routeLines("add", rt)...)
+		if countFwmarkRules(rt) == 0 {
+			lines[rt.Family] = append(lines[rt.Family], ruleLine("add", rt))
+		}
+		if !hasLocalDefault(rt) {
+			lines[rt.Family] = append(lines[rt.Family], routeLine("replace", rt))
+		}
 	}
-	if failed := ipBatch(ctx, r, lines, "File exists"); len(failed) > 0 {
-		return fmt.Errorf("policy routes for TPROXY (ip %s): %s", strings.Join(lines, "; "), strings.Join(failed, "; "))
+	for _, fam := range []Family{IPv4, IPv6} {
+		if failed := ipBatch(ctx, r, fam, lines[fam]); len(failed) > 0 {
+			return fmt.Errorf("%s policy routes for TPROXY (ip %s): %s", fam, strings.Join(lines[fam], "; "), strings.Join(failed, "; "))
+		}
 	}
 	return nil
 }
 
-// cleanupRoutes removes the fwmark rules and local routes for cfg's mark
-// and table in both families (whatever the mode: a pod may have switched
-// from TPROXY), and the loopback addresses the plan adds. Missing ones are
-// not errors; neither is an IPv6-less kernel.
+// cleanupRoutes removes every copy of the fwmark rules and the local routes
+// for cfg's mark and table in both families (whatever the mode: a pod may
+// have switched from TPROXY), and the loopback addresses the plan adds.
+// It only execs "ip" when there is something to remove.
 func cleanupRoutes(ctx context.Context, r *runner, cfg *Config, plan *Plan) error {
 	seen := map[PolicyRoute]bool{}
-	var lines []string
+	lines := map[Family][]string{}
 	add := func(rt PolicyRoute) {
-		if !seen[rt] {
-			seen[rt] = true
-			lines = append(lines, routeLines("del", rt)...)
+		if seen[rt] {
+			return
 		}
-	}
-	for _, fam := range []Family{IPv4, IPv6} {
-		add(PolicyRoute{Family: fam, Mark: cfg.InboundTProxyMark, Table: cfg.InboundTProxyRouteTable})
+		seen[rt] = true
+		for range countFwmarkRules(rt) {
+			lines[rt.Family] = append(lines[rt.Family], ruleLine("del", rt))
+		}
+		if hasLocalDefault(rt) {
+			lines[rt.Family] = append(lines[rt.Family], routeLine("del", rt))
+		}
 	}
 	for _, rt := range plan.Routes {
 		add(rt)
 	}
-	addrs := map[netip.Prefix]bool{}
-	for _, a := range plan.LoopbackAddrs {
-		addrs[a] = true
+	for _, fam := range []Family{IPv4, IPv6} {
+		add(PolicyRoute{Family: fam, Mark: cfg.InboundTProxyMark, Table: cfg.InboundTProxyRouteTable})
 	}
-	if cfg.EnableIPv6 || len(addrs) > 0 {
-		addrs[passthroughV6] = true
+	addrs := append(plan.LoopbackAddrs[:len(plan.LoopbackAddrs):len(plan.LoopbackAddrs)], passthroughV6)
+	done := map[string]bool{}
+	for _, a := range addrs {
+		if !done[a.String()] && hasLoopbackAddr(a) {
+			done[a.String()] = true
+			fam := IPv4
+			if a.Addr().Is6() {
+				fam = IPv6
+			}
+			lines[fam] = append(lines[fam], "addr del "+a.String()+" dev lo")
+		}
 	}
-	for a := range addrs {
-		lines = append(lines, "addr del "+a.String()+" dev lo")
+	var errs []string
+	for _, fam := range []Family{IPv4, IPv6} {
+		if failed := ipBatch(ctx, r, fam, lines[fam]); len(failed) > 0 {
+			errs = append(errs, fmt.Sprintf("%s: %s", fam, strings.Join(failed, "; ")))
+		}
 	}
-	failed := ipBatch(ctx, r, lines, "No such file", "No such process", "Cannot assign requested address",
-		"not supported", "Cannot find device")
-	if len(failed) > 0 {
-		return fmt.Errorf("remove policy routes: %s", strings.Join(failed, "; "))
+	if len(errs) > 0 {
+		return fmt.Errorf("remove policy routes: %s", strings.Join(errs, "; "))
 	}
 	return nil
 }

@@ -108,13 +108,29 @@ func genericSlot(a string) int {
 // canonicalAddr gives an address or prefix with its length, masked, as
 // iptables-save prints it ("127.0.0.53" becomes "127.0.0.53/32").
 func canonicalAddr(s string, fam Family) string {
-	if p, err := netip.ParsePrefix(s); err == nil {
-		return p.Masked().String()
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return s
+		}
+		p = netip.PrefixFrom(a, a.BitLen())
 	}
-	if a, err := netip.ParseAddr(s); err == nil {
-		return netip.PrefixFrom(a, a.BitLen()).String()
+	p = p.Masked()
+	return ntop(p.Addr()) + "/" + strconv.Itoa(p.Bits())
+}
+
+// ntop prints an address as glibc's inet_ntop does, which iptables uses:
+// like Go, except that an IPv6 address whose first 96 bits are zero (and
+// the 7th group is not) is written IPv4-compatible, "::127.0.0.53".
+func ntop(a netip.Addr) string {
+	if a.Is6() && !a.Is4In6() {
+		b := a.As16()
+		if b[12]|b[13] != 0 && [12]byte(b[:12]) == [12]byte{} {
+			return "::" + netip.AddrFrom4([4]byte(b[12:])).String()
+		}
 	}
-	return s
+	return a.String()
 }
 
 // hexMark prints "V[/M]" as iptables-save does: hex, the mask only when it

@@ -1,0 +1,134 @@
+package iptables
+
+import (
+	"encoding/binary"
+	"net"
+	"net/netip"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Reading the policy routing state through a netlink dump costs no exec,
+// which keeps re-runs and cleanups of REDIRECT pods (nothing to remove)
+// cheap. Changes still go through "ip", whose messages users know.
+
+const (
+	fraTable  = 15 // FRA_TABLE
+	fraFwmark = 10 // FRA_FWMARK
+	rtaTable  = 15 // RTA_TABLE
+)
+
+func afOf(f Family) int {
+	if f == IPv6 {
+		return unix.AF_INET6
+	}
+	return unix.AF_INET
+}
+
+// rtAttrs splits the route attributes after a fixed header of hdr bytes.
+func rtAttrs(b []byte, hdr int) map[uint16][]byte {
+	out := map[uint16][]byte{}
+	if len(b) < hdr {
+		return out
+	}
+	b = b[hdr:]
+	for len(b) >= 4 {
+		l := int(binary.NativeEndian.Uint16(b[0:2]))
+		typ := binary.NativeEndian.Uint16(b[2:4]) &^ unix.NLA_F_NESTED
+		if l < 4 || l > len(b) {
+			break
+		}
+		out[typ] = b[4:l]
+		al := (l + unix.NLA_ALIGNTO - 1) &^ (unix.NLA_ALIGNTO - 1)
+		if al > len(b) {
+			break
+		}
+		b = b[al:]
+	}
+	return out
+}
+
+func dump(typ, family int) ([]syscall.NetlinkMessage, error) {
+	raw, err := syscall.NetlinkRIB(typ, family)
+	if err != nil {
+		return nil, err
+	}
+	return syscall.ParseNetlinkMessage(raw)
+}
+
+// tableOf reads the table from the 8-bit header field or the 32-bit
+// attribute that replaces it for tables above 255.
+func tableOf(hdrTable uint8, attrs map[uint16][]byte, attr uint16) int {
+	if v, ok := attrs[attr]; ok && len(v) >= 4 {
+		return int(binary.NativeEndian.Uint32(v))
+	}
+	return int(hdrTable)
+}
+
+// countFwmarkRules counts "from all fwmark M lookup T" rules. A family the
+// kernel lacks has none.
+func countFwmarkRules(rt PolicyRoute) int {
+	msgs, err := dump(unix.RTM_GETRULE, afOf(rt.Family))
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, m := range msgs {
+		if m.Header.Type != unix.RTM_NEWRULE || len(m.Data) < 12 {
+			continue
+		}
+		// struct fib_rule_hdr: family, dst_len, src_len, tos, table, ...
+		if m.Data[2] != 0 {
+			continue
+		}
+		attrs := rtAttrs(m.Data, 12)
+		mark, ok := attrs[fraFwmark]
+		if ok && len(mark) >= 4 && binary.NativeEndian.Uint32(mark) == rt.Mark && tableOf(m.Data[4], attrs, fraTable) == rt.Table {
+			n++
+		}
+	}
+	return n
+}
+
+// hasLocalDefault reports whether table T holds "local default dev lo".
+func hasLocalDefault(rt PolicyRoute) bool {
+	msgs, err := dump(unix.RTM_GETROUTE, afOf(rt.Family))
+	if err != nil {
+		return false
+	}
+	for _, m := range msgs {
+		if m.Header.Type != unix.RTM_NEWROUTE || len(m.Data) < unix.SizeofRtMsg {
+			continue
+		}
+		// struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type
+		if m.Data[1] != 0 || m.Data[7] != unix.RTN_LOCAL {
+			continue
+		}
+		if tableOf(m.Data[4], rtAttrs(m.Data, unix.SizeofRtMsg), rtaTable) == rt.Table {
+			return true
+		}
+	}
+	return false
+}
+
+// hasLoopbackAddr reports whether lo carries the prefix.
+func hasLoopbackAddr(p netip.Prefix) bool {
+	lo, err := net.InterfaceByName("lo")
+	if err != nil {
+		return false
+	}
+	addrs, err := lo.Addrs()
+	if err != nil {
+		return false
+	}
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok {
+			ones, _ := n.Mask.Size()
+			if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.Unmap() == p.Addr() && ones == p.Bits() {
+				return true
+			}
+		}
+	}
+	return false
+}
