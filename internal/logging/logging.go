@@ -58,9 +58,9 @@ func defaultLevel(spec string) (zapcore.Level, error) {
 		}
 		l, err := ParseLevel(lvl)
 		if err != nil {
-			return 0, fmt.Errorf("--log_output_level %q: %w", spec, err)
+			return 0, fmt.Errorf("%q: %w", spec, err)
 		}
-		if scope == "default" {
+		if scope == "default" || scope == "all" {
 			level = l
 		}
 	}
@@ -71,7 +71,7 @@ func defaultLevel(spec string) (zapcore.Level, error) {
 func New(o Options) (*zap.Logger, error) {
 	level, err := defaultLevel(o.OutputLevel)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("--log_output_level: %w", err)
 	}
 	encCfg := zap.NewProductionEncoderConfig()
 	encCfg.TimeKey = "time"
@@ -85,11 +85,13 @@ func New(o Options) (*zap.Logger, error) {
 	}
 	core := zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(stderr{})), zap.NewAtomicLevelAt(level))
 	opts := []zap.Option{zap.ErrorOutput(zapcore.Lock(zapcore.AddSync(stderr{})))}
-	if o.StacktraceLevel != "" && o.StacktraceLevel != "none" {
-		st, err := ParseLevel(o.StacktraceLevel)
-		if err != nil {
-			return nil, fmt.Errorf("--log_stacktrace_level: %w", err)
-		}
+	// Istio's default is "default:none": the same scope:level syntax as
+	// --log_output_level.
+	st, err := defaultLevel(o.StacktraceLevel)
+	if err != nil {
+		return nil, fmt.Errorf("--log_stacktrace_level: %w", err)
+	}
+	if st <= zapcore.FatalLevel {
 		opts = append(opts, zap.AddStacktrace(st))
 	}
 	return zap.New(core, opts...), nil

@@ -31,3 +31,19 @@ func TestDefaultLevel(t *testing.T) {
 		}
 	}
 }
+
+func TestNewAcceptsIstioDefaults(t *testing.T) {
+	// The defaults of Istio's log flags, as every pod spec passes them.
+	for _, o := range []Options{
+		{OutputLevel: "default:info", StacktraceLevel: "default:none"},
+		{OutputLevel: "default:debug", StacktraceLevel: "default:error", JSON: true},
+		{OutputLevel: "info"},
+	} {
+		if _, err := New(o); err != nil {
+			t.Errorf("New(%+v): %v", o, err)
+		}
+	}
+	if _, err := New(Options{OutputLevel: "info", StacktraceLevel: "default:sometimes"}); err == nil {
+		t.Error("bad --log_stacktrace_level: want error")
+	}
+}
