@@ -1,0 +1,194 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"regexp"
+	"strconv"
+	"time"
+
+	"google.golang.org/protobuf/encoding/protojson"
+)
+
+// startAdmin serves the admin API on the bootstrap's admin address. A
+// bootstrap without admin gets none, as in Envoy.
+func (s *sim) startAdmin() (*http.Server, error) {
+	sa := s.bs.GetAdmin().GetAddress().GetSocketAddress()
+	if sa == nil {
+		return &http.Server{}, nil
+	}
+	addr := net.JoinHostPort(sa.GetAddress(), strconv.Itoa(int(sa.GetPortValue())))
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("cannot bind admin address %s: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/ready", s.handleReady)
+	mux.HandleFunc("/stats", s.handleStats)
+	mux.HandleFunc("/stats/prometheus", s.handlePrometheus)
+	mux.HandleFunc("/server_info", s.handleServerInfo)
+	mux.HandleFunc("/config_dump", s.handleConfigDump)
+	mux.HandleFunc("/listeners", s.handleListeners)
+	mux.HandleFunc("/drain_listeners", s.post(s.handleDrain))
+	mux.HandleFunc("/quitquitquit", s.post(func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprint(w, "OK\n")
+		s.log.Printf("quitquitquit requested")
+		s.requestExit(0)
+	}))
+	mux.HandleFunc("/logging", s.post(func(w http.ResponseWriter, _ *http.Request) { fmt.Fprint(w, "active loggers:\n") }))
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "invalid path. admin commands are: /ready /stats /stats/prometheus /server_info /config_dump /listeners /drain_listeners /quitquitquit", http.StatusNotFound)
+	})
+	const prefix = "listener.admin"
+	srv := &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: 10 * time.Second,
+		ConnState: func(_ net.Conn, st http.ConnState) {
+			switch st {
+			case http.StateNew:
+				s.stats.gaugeAdd(prefix+".downstream_cx_active", 1)
+				s.stats.inc(prefix + ".downstream_cx_total")
+			case http.StateClosed, http.StateHijacked:
+				s.stats.gaugeAdd(prefix+".downstream_cx_active", -1)
+			}
+		},
+	}
+	go func() { _ = srv.Serve(ln) }()
+	s.log.Printf("admin address: %s", ln.Addr())
+	if p := s.opts.adminAddressPath; p != "" {
+		if err := os.WriteFile(p, []byte(ln.Addr().String()), 0o644); err != nil {
+			srv.Close()
+			return nil, fmt.Errorf("cannot write admin address to %s: %w", p, err)
+		}
+	}
+	return srv, nil
+}
+
+// post rejects other methods as Envoy does for mutating admin endpoints.
+func (s *sim) post(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost {
+			http.Error(w, "This endpoint requires POST.", http.StatusMethodNotAllowed)
+			return
+		}
+		h(w, r)
+	}
+}
+
+func stateName(st int32) string {
+	switch st {
+	case stateLive:
+		return "LIVE"
+	case stateDraining:
+		return "DRAINING"
+	case statePreInitializing:
+		return "PRE_INITIALIZING"
+	case stateInitializing:
+		return "INITIALIZING"
+	}
+	return "UNKNOWN"
+}
+
+func (s *sim) handleReady(w http.ResponseWriter, _ *http.Request) {
+	st := s.state.Load()
+	if st != stateLive {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}
+	fmt.Fprintln(w, stateName(st))
+}
+
+// statsFilter compiles the filter query parameter. usedonly is implied:
+// only written stats exist in the store.
+func statsFilter(w http.ResponseWriter, r *http.Request) (*regexp.Regexp, bool) {
+	f := r.URL.Query().Get("filter")
+	if f == "" {
+		return nil, true
+	}
+	re, err := regexp.Compile(f)
+	if err != nil {
+		http.Error(w, "Invalid re2 regex", http.StatusBadRequest)
+		return nil, false
+	}
+	return re, true
+}
+
+func (s *sim) handleStats(w http.ResponseWriter, r *http.Request) {
+	re, ok := statsFilter(w, r)
+	if !ok {
+		return
+	}
+	switch r.URL.Query().Get("format") {
+	case "prometheus":
+		s.handlePrometheus(w, r)
+	case "json":
+		out := map[string][]map[string]any{"stats": {}}
+		for _, st := range s.stats.snapshot(re) {
+			out["stats"] = append(out["stats"], map[string]any{"name": st.name, "value": st.value})
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(out)
+	default:
+		w.Header().Set("Content-Type", "text/plain; charset=UTF-8")
+		s.stats.writeText(w, re)
+	}
+}
+
+func (s *sim) handlePrometheus(w http.ResponseWriter, r *http.Request) {
+	re, ok := statsFilter(w, r)
+	if !ok {
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+	s.stats.writePrometheus(w, re)
+}
+
+func (s *sim) handleServerInfo(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	node, _ := protojson.Marshal(s.bs.GetNode())
+	_ = json.NewEncoder(w).Encode(map[string]any{
+		"version":              "envoysim/1.0/Clean/RELEASE/BoringSSL",
+		"state":                stateName(s.state.Load()),
+		"uptime_current_epoch": fmt.Sprintf("%ds", int(time.Since(s.start).Seconds())),
+		"node":                 json.RawMessage(node),
+		"command_line_options": map[string]any{
+			"concurrency":              s.opts.concurrency,
+			"log_level":                s.opts.logLevel,
+			"component_log_level":      s.opts.compLevel,
+			"drain_time":               fmt.Sprintf("%ds", int(s.opts.drainTime.Seconds())),
+			"drain_strategy":           map[string]string{"gradual": "Gradual", "immediate": "Immediate"}[s.opts.drainStrategy],
+			"local_address_ip_version": s.opts.ipVersion,
+			"config_path":              s.opts.configPath,
+		},
+	})
+}
+
+// handleConfigDump returns the bootstrap and the names of the dynamic
+// resources: enough for a human or a test to see what arrived.
+func (s *sim) handleConfigDump(w http.ResponseWriter, _ *http.Request) {
+	bs, _ := protojson.Marshal(s.bs)
+	var buf bytes.Buffer
+	fmt.Fprintf(&buf, `{"configs":[{"@type":"type.googleapis.com/envoy.admin.v3.BootstrapConfigDump","bootstrap":%s},`, bs)
+	names, _ := json.Marshal(s.listeners.names())
+	fmt.Fprintf(&buf, `{"@type":"type.googleapis.com/envoy.admin.v3.ListenersConfigDump","listener_names":%s}]}`, names)
+	w.Header().Set("Content-Type", "application/json")
+	_, _ = w.Write(buf.Bytes())
+}
+
+func (s *sim) handleListeners(w http.ResponseWriter, _ *http.Request) {
+	for _, l := range s.listeners.list() {
+		fmt.Fprintf(w, "%s::%s\n", l.name, l.addr)
+	}
+}
+
+func (s *sim) handleDrain(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	_, inbound := q["inboundonly"]
+	_, graceful := q["graceful"]
+	_, skipExit := q["skip_exit"]
+	s.listeners.drain(inbound, graceful, skipExit)
+	fmt.Fprint(w, "OK\n")
+}
