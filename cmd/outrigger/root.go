@@ -58,6 +58,8 @@ func newRootCmd() *cobra.Command {
 	root.AddCommand(
 		newVersionCmd(),
 		newIptablesCmd(g),
+		newWaitCmd(g),
+		newRequestCmd(),
 	)
 	tolerateUnknownFlags(root)
 	return root
