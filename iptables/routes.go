@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"time"
 )
 
 // ipBatch runs "ip -4|-6 -force -batch -" with lines: one exec for all of
@@ -66,6 +67,13 @@ func applyRoutes(ctx context.Context, r *runner, plan *Plan) error {
 	for _, fam := range []Family{IPv4, IPv6} {
 		if failed := ipBatch(ctx, r, fam, lines[fam]); len(failed) > 0 {
 			return fmt.Errorf("%s policy routes for TPROXY (ip %s): %s", fam, strings.Join(lines[fam], "; "), strings.Join(failed, "; "))
+		}
+	}
+	// The kernel routes a new IPv6 address locally only a moment after
+	// adding it; wait so that the pod's first connection finds it.
+	for _, a := range plan.LoopbackAddrs {
+		for i := 0; i < 200 && !hasLocalRoute(a.Addr()); i++ {
+			time.Sleep(time.Millisecond)
 		}
 	}
 	return nil

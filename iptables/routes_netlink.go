@@ -132,3 +132,25 @@ func hasLoopbackAddr(p netip.Prefix) bool {
 	}
 	return false
 }
+
+// hasLocalRoute reports whether the local table routes addr to this host.
+// The kernel adds that route asynchronously after an IPv6 address.
+func hasLocalRoute(addr netip.Addr) bool {
+	fam := IPv4
+	if addr.Is6() {
+		fam = IPv6
+	}
+	msgs, err := dump(unix.RTM_GETROUTE, afOf(fam))
+	if err != nil {
+		return false
+	}
+	for _, m := range msgs {
+		if m.Header.Type != unix.RTM_NEWROUTE || len(m.Data) < unix.SizeofRtMsg || m.Data[7] != unix.RTN_LOCAL {
+			continue
+		}
+		if dst, ok := netip.AddrFromSlice(rtAttrs(m.Data, unix.SizeofRtMsg)[unix.RTA_DST]); ok && dst == addr {
+			return true
+		}
+	}
+	return false
+}
