@@ -54,9 +54,11 @@ func (s *session) onDeltaRequest(req *discovery.DeltaDiscoveryRequest) {
 			}
 		}
 	}
-	if t == listenerType {
-		s.requestNDSLocked()
-	}
+	defer func() {
+		if t == listenerType {
+			s.requestNDSLocked()
+		}
+	}()
 	if !s.connected {
 		s.serveCachedLocked()
 		return

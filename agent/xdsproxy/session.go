@@ -462,6 +462,9 @@ func (s *session) writeUpstream(ctx context.Context, stream grpc.ClientStream) e
 				s.awaiting = time.Now()
 			}
 			s.mu.Unlock()
+			if ce := s.log.Check(zap.DebugLevel, "request upstream"); ce != nil {
+				ce.Write(zap.String("type", shortType(t)), zap.Bool("expectsAnswer", expectsAnswer(req)))
+			}
 			if err := stream.SendMsg(req); err != nil {
 				return err
 			}
@@ -517,6 +520,10 @@ func (s *session) readUpstream(ctx context.Context, stream grpc.ClientStream, ge
 		s.mu.Lock()
 		s.awaiting = time.Time{}
 		s.mu.Unlock()
+		if ce := s.log.Check(zap.DebugLevel, "response from upstream"); ce != nil {
+			ce.Write(zap.String("type", shortType(f.typeURL)), zap.String("version", f.version),
+				zap.String("nonce", f.nonce), zap.Int("resources", len(f.resources)), zap.Int("bytes", len(f.raw)))
+		}
 
 		switch {
 		case f.typeURL == nds.TypeURL:

@@ -23,9 +23,12 @@ func (s *session) onSotwRequest(req *discovery.DiscoveryRequest) {
 		}
 	}
 	st.lastReq = req
-	if t == listenerType {
-		s.requestNDSLocked()
-	}
+	// NDS goes after Envoy's first LDS request (as Istio).
+	defer func() {
+		if t == listenerType {
+			s.requestNDSLocked()
+		}
+	}()
 	if !s.connected {
 		s.serveCachedLocked()
 		return

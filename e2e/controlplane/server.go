@@ -95,7 +95,9 @@ func New(cfg Config, mesh Mesh) (*Server, error) {
 	}
 	s := &Server{
 		cfg: cfg, log: cfg.Log.Named("controlplane"), ndsType: md,
-		snap:      cachev3.NewSnapshotCache(true, nodeGroup{}, cfg.Log.Sugar()),
+		// ads=false: answer requests for a subset of the resources (one EDS
+		// cluster), which ADS consistency mode holds back.
+		snap:      cachev3.NewSnapshotCache(false, nodeGroup{}, cfg.Log.Sugar()),
 		nds:       cachev3.NewLinearCache(nds.TypeURL),
 		addr:      cfg.Addr,
 		responses: map[string]int{},
