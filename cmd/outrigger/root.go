@@ -59,6 +59,7 @@ func newRootCmd() *cobra.Command {
 		newVersionCmd(),
 		newIptablesCmd(g),
 		newWaitCmd(g),
+		newProxyCmd(g),
 		newRequestCmd(),
 	)
 	tolerateUnknownFlags(root)
