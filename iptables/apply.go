@@ -176,7 +176,6 @@ func applyFamily(ctx context.Context, r *runner, cfg *Config, rs *Ruleset, log *
 	logChoice(log, c, states)
 
 	exp := expectRuleset(rs)
-	builtin := builtinSpecs(exp)
 	others := func(chosen *backendState) []*backendState {
 		var out []*backendState
 		for _, s := range states {
@@ -187,6 +186,7 @@ func applyFamily(ctx context.Context, r *runner, cfg *Config, rs *Ruleset, log *
 		return out
 	}
 
+	builtin := ownedBuiltin(c.St, exp)
 	diff := diffState(c.St, exp)
 	if diff == "" && len(others(c.backendState)) == 0 && !cfg.ForceApply {
 		log.Info("iptables rules already applied; nothing to change", zap.String("backend", c.B.String()))
@@ -212,6 +212,7 @@ func applyFamily(ctx context.Context, r *runner, cfg *Config, rs *Ruleset, log *
 					zap.String("backend", c.B.String()), zap.Error(kerr), zap.String("next", s.B.String()))
 				rollback(ctx, r, c.B, c.St, builtin, log)
 				c = choice{backendState: s, Reason: "fallback: " + kerr.Error()}
+				builtin = ownedBuiltin(s.St, exp)
 				err = restore(ctx, r, s.B, transition(s.St, builtin, desiredFromRuleset(rs)))
 				if k2 := kernelSupportError(s.B, err); k2 != nil {
 					err = errors.Join(kerr, k2)
@@ -227,7 +228,7 @@ func applyFamily(ctx context.Context, r *runner, cfg *Config, rs *Ruleset, log *
 	a := &applied{B: c.B, Pre: c.St, Builtin: builtin, Changed: true}
 	for _, o := range others(c.backendState) {
 		log.Warn("removing ISTIO_* leftovers from the backend not in use", zap.String("backend", o.B.String()))
-		if err := restore(ctx, r, o.B, transition(o.St, builtin, desired{})); err != nil {
+		if err := restore(ctx, r, o.B, transition(o.St, ownedBuiltin(o.St, exp), desired{})); err != nil {
 			log.Warn("could not remove leftovers; they are inert without our jumps only if their jumps went too",
 				zap.String("backend", o.B.String()), zap.Error(err))
 		}

@@ -207,3 +207,175 @@ func saveState(t testing.TB, ns, tool string) *savedState {
 	}
 	return st
 }
+
+func mustBuild(t testing.TB, cfg *Config) *Plan {
+	t.Helper()
+	plan, err := Build(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return plan
+}
+
+// checkState asserts that each family's rules in the backend equal plan.
+func checkState(t testing.TB, ns, variant string, plan *Plan) {
+	t.Helper()
+	for _, rs := range plan.Rulesets() {
+		st := saveState(t, ns, familyPrefix(rs.Family)+"-"+variant+"-save")
+		if d := diffState(st, expectRuleset(rs)); d != "" {
+			t.Errorf("%s %s: state differs from the plan: %s", variant, rs.Family, d)
+		}
+	}
+}
+
+// TestKernelReconcile changes flags between runs (REDIRECT to TPROXY and
+// back, other ports) and checks that the state is exactly the new plan
+// each time, and that a cleanup afterwards restores the namespace.
+func TestKernelReconcile(t *testing.T) {
+	steps := []goldenCase{
+		{name: "default", args: injectorArgs},
+		{name: "tproxy-dns", args: append(append([]string{}, injectorArgs...), "-m", "TPROXY", "--redirect-dns", "-c", "eth9"), dns: []string{"10.96.0.10"}, ipv6: true},
+		{name: "other-ports", args: append(append([]string{}, injectorArgs...), "-d", "15090", "-q", "8080", "-x", "10.0.0.0/8")},
+	}
+	for _, variant := range []string{variantNFT, variantLegacy} {
+		t.Run(variant, func(t *testing.T) {
+			ns := kernelNetns(t)
+			seedForeignRules(t, ns)
+			before := snapshot(t, ns)
+			ctx := context.Background()
+			var cfg *Config
+			var plan *Plan
+			for _, s := range steps {
+				cfg = configFor(t, s)
+				cfg.NetworkNamespace, cfg.ForceIptablesBinary = ns, variant
+				plan = mustBuild(t, cfg)
+				log, logs := testLogger()
+				if err := Execute(ctx, cfg, plan, log); err != nil {
+					t.Fatalf("%s: %v", s.name, err)
+				}
+				checkState(t, ns, variant, plan)
+				if s.name != steps[0].name && logs.FilterMessageSnippet("reconciling").Len() == 0 {
+					t.Errorf("%s: no reconcile logged", s.name)
+				}
+			}
+			// The reconciles must have removed the -c eth9 RETURNs and the
+			// TPROXY marks of step 2 although the later flags know nothing of
+			// them; the cleanup then finds the rest from the state.
+			cfg.CleanupOnly = true
+			log, _ := testLogger()
+			if err := Execute(ctx, cfg, plan, log); err != nil {
+				t.Fatal(err)
+			}
+			if d := cmp.Diff(before, snapshot(t, ns)); d != "" {
+				t.Errorf("reconcile+cleanup left state behind (-before +after):\n%s", d)
+			}
+		})
+	}
+}
+
+// TestKernelFailedRestoreLeavesNothing injects a bad rule into the last
+// table of a plan: the earlier tables were already committed by the
+// restore, and must be rolled back. A bad IPv6 rule must also undo IPv4.
+func TestKernelFailedRestoreLeavesNothing(t *testing.T) {
+	bad := Rule{Table: "raw", Chain: "ISTIO_OUTPUT_DNS", Args: []string{"-p", "tcp", "--no-such-option", "1", "-j", "RETURN"}}
+	for _, variant := range []string{variantNFT, variantLegacy} {
+		for _, fam := range []Family{IPv4, IPv6} {
+			t.Run(variant+"/"+fam.String(), func(t *testing.T) {
+				ns := kernelNetns(t)
+				seedForeignRules(t, ns)
+				before := snapshot(t, ns)
+				cfg := configFor(t, goldenCase{args: injectorArgs, ipv6: true})
+				cfg.NetworkNamespace, cfg.ForceIptablesBinary = ns, variant
+				plan := mustBuild(t, cfg)
+				rs := plan.V4
+				if fam == IPv6 {
+					rs = plan.V6
+				}
+				rs.Rules = append(rs.Rules, bad)
+				log, _ := testLogger()
+				err := Execute(context.Background(), cfg, plan, log)
+				if err == nil || !strings.Contains(err.Error(), "--no-such-option") {
+					t.Fatalf("err = %v, want the restore's complaint about the bad rule", err)
+				}
+				if d := cmp.Diff(before, snapshot(t, ns)); d != "" {
+					t.Errorf("a failed apply left state behind (-before +after):\n%s", d)
+				}
+			})
+		}
+	}
+}
+
+// TestKernelOtherBackendResidue: rules left in legacy by an earlier run are
+// removed when the rules move to nft, and a cleanup without
+// --force-iptables-binary cleans both backends.
+func TestKernelOtherBackendResidue(t *testing.T) {
+	ns := kernelNetns(t)
+	seedForeignRules(t, ns)
+	before := snapshot(t, ns)
+	ctx := context.Background()
+	cfg := configFor(t, goldenCase{args: injectorArgs})
+	cfg.NetworkNamespace = ns
+	plan := mustBuild(t, cfg)
+	log, _ := testLogger()
+
+	cfg.ForceIptablesBinary = variantLegacy
+	if err := Execute(ctx, cfg, plan, log); err != nil {
+		t.Fatal(err)
+	}
+	cfg.ForceIptablesBinary = variantNFT
+	if err := Execute(ctx, cfg, plan, log); err != nil {
+		t.Fatal(err)
+	}
+	checkState(t, ns, variantNFT, plan)
+	if st := saveState(t, ns, "iptables-legacy-save"); st.hasOwned() {
+		t.Errorf("legacy still holds ISTIO_* state after the move to nft")
+	}
+
+	// Now leave a copy in legacy too (as two tools fighting would) and
+	// clean without naming a backend.
+	cfg.ForceIptablesBinary = ""
+	nsRestore(t, ns, "iptables-legacy-restore", plan.V4.RestoreInput())
+	cfg.CleanupOnly = true
+	if err := Execute(ctx, cfg, plan, log); err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(before, snapshot(t, ns)); d != "" {
+		t.Errorf("cleanup left state behind (-before +after):\n%s", d)
+	}
+}
+
+// TestKernelEmptyLegacyTableDoesNotDecide is Istio's leftover bug: a probe
+// creates an empty legacy nat table; that must not send the rules (or the
+// cleanup) to legacy.
+func TestKernelEmptyLegacyTableDoesNotDecide(t *testing.T) {
+	ns := kernelNetns(t)
+	nsRun(t, ns, "iptables-legacy", "-t", "nat", "-L", "-n")
+	cfg := configFor(t, goldenCase{args: injectorArgs})
+	cfg.NetworkNamespace = ns
+	plan := mustBuild(t, cfg)
+	log, logs := testLogger()
+	if err := Execute(context.Background(), cfg, plan, log); err != nil {
+		t.Fatal(err)
+	}
+	checkState(t, ns, variantNFT, plan)
+	chosen := logs.FilterMessage("iptables backend chosen").All()
+	if len(chosen) != 1 || chosen[0].ContextMap()["backend"] != "iptables-nft" {
+		t.Errorf("backend log = %v, want iptables-nft", chosen)
+	}
+	cfg.CleanupOnly = true
+	if err := Execute(context.Background(), cfg, plan, log); err != nil {
+		t.Fatal(err)
+	}
+	if st := saveState(t, ns, "iptables-nft-save"); st.hasOwned() {
+		t.Error("cleanup left ISTIO_* state in nft")
+	}
+}
+
+func nsRestore(t testing.TB, ns, tool, input string) {
+	t.Helper()
+	cmd := exec.Command("ip", "netns", "exec", nsName(ns), tool, "--noflush")
+	cmd.Stdin = strings.NewReader(input)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%s: %v: %s", tool, err, out)
+	}
+}

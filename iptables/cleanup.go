@@ -29,7 +29,6 @@ func cleanup(ctx context.Context, r *runner, cfg *Config, plan *Plan, log *zap.L
 			rs = plan.V6
 		}
 		exp := expectRuleset(rs)
-		builtin := builtinSpecs(exp)
 		for _, b := range findBackends(ctx, r, fam) {
 			st := readState(ctx, r, b)
 			if st.Err != nil {
@@ -38,7 +37,7 @@ func cleanup(ctx context.Context, r *runner, cfg *Config, plan *Plan, log *zap.L
 				log.Debug("backend not readable; nothing to clean there", zap.String("backend", b.String()), zap.Error(st.Err))
 				continue
 			}
-			input := transition(st.St, builtin, desired{})
+			input := transition(st.St, ownedBuiltin(st.St, exp), desired{})
 			if input == "" {
 				finals = append(finals, finalState{B: b, Save: st.Raw})
 				continue

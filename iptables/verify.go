@@ -3,6 +3,7 @@ package iptables
 import (
 	"fmt"
 	"maps"
+	"regexp"
 	"slices"
 	"strings"
 )
@@ -200,7 +201,7 @@ func diffState(st *savedState, exp map[string]*expectedTable) string {
 			tables[t.Name] = true
 		}
 	}
-	builtin := builtinSpecs(exp)
+	builtin := ownedBuiltin(st, exp)
 	for _, name := range slices.Sorted(maps.Keys(tables)) {
 		et := exp[name]
 		if et == nil {
@@ -237,4 +238,49 @@ func diffState(st *savedState, exp map[string]*expectedTable) string {
 		}
 	}
 	return ""
+}
+
+// leftoverShapes are the rules Istio-style capture puts in built-in chains
+// that jump to no ISTIO_* chain (the -c/-k interface RETURNs and TPROXY's
+// mark handling), in canonical form. They are recognised as ours only in a
+// backend that also holds ISTIO_* chains, so that a reconcile from other
+// flags (TPROXY to REDIRECT, another -c) and a cleanup with other flags
+// remove them too, not only the ones the current flags would build.
+var leftoverShapes = map[string][]*regexp.Regexp{
+	"PREROUTING": {
+		regexp.MustCompile(`^-i \S+ -j RETURN$`),
+		regexp.MustCompile(`^-p tcp -m mark --mark 0x[0-9a-f]+ -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff$`),
+	},
+	"OUTPUT": {
+		regexp.MustCompile(`^-o \S+ -j RETURN$`),
+		regexp.MustCompile(`^-o lo -p tcp -m mark --mark 0x[0-9a-f]+ -j RETURN$`),
+		regexp.MustCompile(`^! -d \S+ -o lo -p tcp -m owner --[ug]id-owner \S+ -j MARK --set-xmark 0x[0-9a-f]+/0xffffffff$`),
+		regexp.MustCompile(`^-p tcp -m connmark --mark 0x[0-9a-f]+ -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff$`),
+	},
+}
+
+// ownedBuiltin returns, per table, the "CHAIN SPEC" keys of rules in
+// built-in chains that are ours: the plan's, and in a state holding
+// ISTIO_* chains also the leftover shapes of other flags.
+func ownedBuiltin(st *savedState, exp map[string]*expectedTable) map[string]map[string]bool {
+	out := builtinSpecs(exp)
+	if !st.hasOwned() {
+		return out
+	}
+	for _, t := range st.Tables {
+		if t.Name != "nat" && t.Name != "mangle" {
+			continue
+		}
+		for _, r := range t.Rules {
+			for _, re := range leftoverShapes[r.Chain] {
+				if re.MatchString(r.Spec) {
+					if out[t.Name] == nil {
+						out[t.Name] = map[string]bool{}
+					}
+					out[t.Name][r.Chain+" "+r.Spec] = true
+				}
+			}
+		}
+	}
+	return out
 }
