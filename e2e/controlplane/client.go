@@ -37,9 +37,11 @@ type Response struct {
 }
 
 // DialAgent opens an ADS stream on a unix socket as node id.
-func DialAgent(ctx context.Context, socket string, delta bool, node *core.Node) (*Client, error) {
-	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(1<<30)))
+// Extra options go after the defaults (insecure, 1 GiB messages).
+func DialAgent(ctx context.Context, socket string, delta bool, node *core.Node, opts ...grpc.DialOption) (*Client, error) {
+	opts = append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(1 << 30))}, opts...)
+	conn, err := grpc.NewClient("unix://"+socket, opts...)
 	if err != nil {
 		return nil, err
 	}

@@ -1,0 +1,425 @@
+package xdsproxy
+
+import (
+	"context"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/outrigger-mesh/outrigger/e2e/controlplane"
+)
+
+// The control plane dies and comes back, repeatedly: Envoy's stream stays
+// open, the agent reconnects and replays the subscriptions, and Envoy gets
+// the new configuration. DNS keeps its last table meanwhile.
+func TestControlPlaneRestarts(t *testing.T) {
+	for _, m := range modes {
+		t.Run(m.name, func(t *testing.T) {
+			cp := startCP(t, controlplane.Config{}, smallMesh(2))
+			tb := newTables()
+			p := startProxy(t, Config{DiscoveryAddress: cp.Addr(), Plaintext: true, OnNameTable: tb.handle})
+			c := dialEnvoy(t, p.socket, m.delta, "n1")
+			for _, typ := range []string{cdsType, ldsType} {
+				if err := c.Subscribe(typ, nil, "", nil); err != nil {
+					t.Fatal(err)
+				}
+				if err := c.ACK(recvType(t, c, typ), nil); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for round := range 3 {
+				cp.Stop()
+				deadline := time.Now().Add(5 * time.Second)
+				for p.Connected() {
+					if time.Now().After(deadline) {
+						t.Fatal("proxy still connected after the control plane stopped")
+					}
+					time.Sleep(10 * time.Millisecond)
+				}
+				time.Sleep(100 * time.Millisecond) // a few failed reconnects
+				n := 3 + round
+				if err := cp.SetMesh(smallMesh(n)); err != nil {
+					t.Fatal(err)
+				}
+				if err := cp.Start(); err != nil {
+					t.Fatal(err)
+				}
+				// The same Envoy stream gets the new clusters.
+				for {
+					r := recvType(t, c, cdsType)
+					if err := c.ACK(r, nil); err != nil {
+						t.Fatal(err)
+					}
+					if m.delta && r.Count == 1 || !m.delta && r.Count == n+1 {
+						break // delta: only the new service is sent
+					}
+				}
+			}
+			if got := testutil.ToFloat64(p.metrics.connTerms.WithLabelValues("cancelled")) +
+				testutil.ToFloat64(p.metrics.connTerms.WithLabelValues("error")); got < 3 {
+				t.Errorf("istiod_connection_terminations = %v, want >= 3", got)
+			}
+			if testutil.ToFloat64(p.metrics.connFailures) < 1 {
+				t.Error("no connection failures counted during outages")
+			}
+		})
+	}
+}
+
+// Envoy restarts while the control plane is down: the new Envoy gets the
+// last accepted configuration from the agent, its ACKs of it stay local,
+// and when the control plane is back normal proxying resumes.
+func TestEnvoyRestartDuringOutage(t *testing.T) {
+	for _, m := range modes {
+		t.Run(m.name, func(t *testing.T) {
+			mesh := smallMesh(3)
+			cp := startCP(t, controlplane.Config{}, mesh)
+			p := startProxy(t, Config{DiscoveryAddress: cp.Addr(), Plaintext: true})
+			c := dialEnvoy(t, p.socket, m.delta, "n1")
+			accepted := map[string]int{}
+			for _, typ := range []string{cdsType, ldsType} {
+				if err := c.Subscribe(typ, nil, "", nil); err != nil {
+					t.Fatal(err)
+				}
+				r := recvType(t, c, typ)
+				accepted[typ] = r.Count
+				if err := c.ACK(r, nil); err != nil {
+					t.Fatal(err)
+				}
+				waitCP(t, cp, "the ACK", func(e controlplane.Event) bool { return e.Nonce == r.Nonce })
+			}
+			cp.Stop()
+			c.Close()
+
+			c2 := dialEnvoy(t, p.socket, m.delta, "n1")
+			for _, typ := range []string{cdsType, ldsType} {
+				if err := c2.Subscribe(typ, nil, "", nil); err != nil {
+					t.Fatal(err)
+				}
+				r := recvType(t, c2, typ)
+				if r.Count != accepted[typ] {
+					t.Errorf("cached %s has %d resources, want %d", shortType(typ), r.Count, accepted[typ])
+				}
+				if !strings.HasPrefix(r.Nonce, "outrigger-cache-") {
+					t.Errorf("cached response nonce %q", r.Nonce)
+				}
+				if err := c2.ACK(r, nil); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if n := testutil.ToFloat64(p.metrics.envoyResponses.WithLabelValues("cds", "cache")); n != 1 {
+				t.Errorf("cached CDS responses = %v, want 1", n)
+			}
+
+			if err := cp.SetMesh(smallMesh(4)); err != nil {
+				t.Fatal(err)
+			}
+			if err := cp.Start(); err != nil {
+				t.Fatal(err)
+			}
+			r := recvType(t, c2, cdsType)
+			want := 5
+			if m.delta {
+				want = 1 // Envoy told the control plane what it holds
+			}
+			if r.Count != want {
+				t.Errorf("CDS after the outage has %d clusters, want %d", r.Count, want)
+			}
+			if err := c2.ACK(r, nil); err != nil {
+				t.Fatal(err)
+			}
+			waitCP(t, cp, "the ACK after the outage", func(e controlplane.Event) bool { return e.Nonce == r.Nonce })
+			for _, e := range cp.Events() {
+				if strings.HasPrefix(e.Nonce, "outrigger-cache-") {
+					t.Errorf("an ACK of a cached response went upstream: %+v", e)
+				}
+			}
+		})
+	}
+}
+
+// A stream on which the control plane never answers is replaced by the
+// watchdog.
+func TestStalledStreamIsReplaced(t *testing.T) {
+	var streams atomic.Int32
+	addr := startSilentServer(t, &streams)
+	p := startProxy(t, Config{DiscoveryAddress: addr, Plaintext: true, StallTimeout: 100 * time.Millisecond})
+	c := dialEnvoy(t, p.socket, false, "n1")
+	if err := c.Subscribe(cdsType, nil, "", nil); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for streams.Load() < 3 {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d upstream streams; the stalled one was not replaced", streams.Load())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if testutil.ToFloat64(p.metrics.recycles) < 2 {
+		t.Error("recycles not counted")
+	}
+}
+
+// silentADS accepts ADS streams, reads requests and never answers.
+type silentADS struct {
+	discovery.UnimplementedAggregatedDiscoveryServiceServer
+	streams *atomic.Int32
+}
+
+func (s silentADS) StreamAggregatedResources(st discovery.AggregatedDiscoveryService_StreamAggregatedResourcesServer) error {
+	s.streams.Add(1)
+	for {
+		if _, err := st.Recv(); err != nil {
+			return nil
+		}
+	}
+}
+
+func startSilentServer(t *testing.T, streams *atomic.Int32) string {
+	t.Helper()
+	cp := startCP(t, controlplane.Config{}, controlplane.Mesh{}) // for the port only
+	addr := cp.Addr()
+	cp.Stop()
+	lis, err := listenTCP(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := grpc.NewServer()
+	discovery.RegisterAggregatedDiscoveryServiceServer(g, silentADS{streams: streams})
+	go func() { _ = g.Serve(lis) }()
+	t.Cleanup(g.Stop)
+	return addr
+}
+
+// A slow Envoy that reads nothing, behind a control plane that pushes
+// without waiting for ACKs (as istiod does): Envoy's requests still reach
+// the control plane (nothing deadlocks); SotW responses are coalesced, so
+// the agent keeps reading upstream and holds one per type; Delta responses
+// push back on the control plane instead of piling up. Once Envoy reads it
+// ends on the last push.
+func TestSlowEnvoy(t *testing.T) {
+	for _, m := range modes {
+		t.Run(m.name, func(t *testing.T) {
+			const pushes = 20
+			ps := startPushServer(t, pushes, 300, 2300) // 700 KB per push
+			p := startProxy(t, Config{DiscoveryAddress: ps.addr, Plaintext: true})
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			// A fixed 64 KiB window: grpc's window growth (BDP) would let
+			// the client library buffer what a slow Envoy does not read.
+			c, err := controlplane.DialAgent(ctx, p.socket, m.delta, envoyNode("slow"),
+				grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if err := c.Subscribe(cdsType, nil, "", nil); err != nil {
+				t.Fatal(err)
+			}
+			// The control plane pushes; the agent must keep reading Envoy.
+			time.Sleep(500 * time.Millisecond)
+			if err := c.Subscribe(ldsType, nil, "", nil); err != nil {
+				t.Fatal(err)
+			}
+			ps.waitRequest(t, ldsType)
+			if m.delta {
+				if n := ps.sent.Load(); n >= pushes {
+					t.Errorf("the control plane pushed all %d responses into a slow Envoy; no backpressure", n)
+				}
+			} else {
+				ps.waitSent(t, pushes)
+				if n := testutil.ToFloat64(p.metrics.coalesced.WithLabelValues("cds")); n < pushes/2 {
+					t.Errorf("coalesced = %v, want most of %d pushes", n, pushes)
+				}
+			}
+			// Envoy catches up and ends on the last push.
+			want := "v" + strconv.Itoa(pushes)
+			deadline := time.Now().Add(20 * time.Second)
+			for time.Now().Before(deadline) {
+				r := recvType(t, c, cdsType)
+				if r.Version == want {
+					return
+				}
+				if !m.delta && r.Version != "v1" && r.Version != "v2" && r.Version != want {
+					// SotW: the first response, maybe one in flight, then the last.
+					vn, _ := strconv.Atoi(strings.TrimPrefix(r.Version, "v"))
+					if vn < pushes-3 {
+						t.Errorf("slow Envoy got stale intermediate version %s", r.Version)
+					}
+				}
+			}
+			t.Fatalf("Envoy never got %s", want)
+		})
+	}
+}
+
+// pushServer sends n large CDS responses as fast as the stream takes them.
+type pushServer struct {
+	discovery.UnimplementedAggregatedDiscoveryServiceServer
+	addr     string
+	n, count int
+	size     int
+	sent     atomic.Int32
+	mu       sync.Mutex
+	requests []string
+}
+
+func startPushServer(t *testing.T, n, count, size int) *pushServer {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ps := &pushServer{addr: lis.Addr().String(), n: n, count: count, size: size}
+	g := grpc.NewServer()
+	discovery.RegisterAggregatedDiscoveryServiceServer(g, ps)
+	go func() { _ = g.Serve(lis) }()
+	t.Cleanup(g.Stop)
+	return ps
+}
+
+func (ps *pushServer) record(typ string) bool {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	first := true
+	for _, r := range ps.requests {
+		if r == typ {
+			first = false
+		}
+	}
+	ps.requests = append(ps.requests, typ)
+	return first
+}
+
+func (ps *pushServer) waitRequest(t *testing.T, typ string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		ps.mu.Lock()
+		for _, r := range ps.requests {
+			if r == typ {
+				ps.mu.Unlock()
+				return
+			}
+		}
+		ps.mu.Unlock()
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("request for %s never reached the control plane", typ)
+}
+
+func (ps *pushServer) waitSent(t *testing.T, n int32) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for ps.sent.Load() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("control plane could send only %d of %d pushes", ps.sent.Load(), n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func (ps *pushServer) payload() []byte { return []byte(strings.Repeat("x", ps.size)) }
+
+func (ps *pushServer) StreamAggregatedResources(st discovery.AggregatedDiscoveryService_StreamAggregatedResourcesServer) error {
+	start := make(chan struct{}, 1)
+	go func() {
+		for {
+			r, err := st.Recv()
+			if err != nil {
+				return
+			}
+			if ps.record(r.GetTypeUrl()) && r.GetTypeUrl() == cdsType {
+				start <- struct{}{}
+			}
+		}
+	}()
+	select {
+	case <-start:
+	case <-st.Context().Done():
+		return nil
+	}
+	body := ps.payload()
+	for i := 1; i <= ps.n; i++ {
+		resp := &discovery.DiscoveryResponse{TypeUrl: cdsType, VersionInfo: "v" + strconv.Itoa(i), Nonce: strconv.Itoa(i)}
+		for range ps.count {
+			resp.Resources = append(resp.Resources, &anypb.Any{TypeUrl: cdsType, Value: body})
+		}
+		if err := st.Send(resp); err != nil {
+			return nil
+		}
+		ps.sent.Add(1)
+	}
+	<-st.Context().Done()
+	return nil
+}
+
+func (ps *pushServer) DeltaAggregatedResources(st discovery.AggregatedDiscoveryService_DeltaAggregatedResourcesServer) error {
+	start := make(chan struct{}, 1)
+	go func() {
+		for {
+			r, err := st.Recv()
+			if err != nil {
+				return
+			}
+			if ps.record(r.GetTypeUrl()) && r.GetTypeUrl() == cdsType {
+				start <- struct{}{}
+			}
+		}
+	}()
+	select {
+	case <-start:
+	case <-st.Context().Done():
+		return nil
+	}
+	body := ps.payload()
+	for i := 1; i <= ps.n; i++ {
+		v := "v" + strconv.Itoa(i)
+		resp := &discovery.DeltaDiscoveryResponse{TypeUrl: cdsType, SystemVersionInfo: v, Nonce: strconv.Itoa(i)}
+		for j := range ps.count {
+			resp.Resources = append(resp.Resources, &discovery.Resource{Name: "c" + strconv.Itoa(j), Version: v,
+				Resource: &anypb.Any{TypeUrl: cdsType, Value: body}})
+		}
+		if err := st.Send(resp); err != nil {
+			return nil
+		}
+		ps.sent.Add(1)
+	}
+	<-st.Context().Done()
+	return nil
+}
+
+// paddingOf returns the padding length of the named cluster in r, or -1.
+func paddingOf(t *testing.T, r *controlplane.Response, name string) int {
+	t.Helper()
+	var anys []*anypb.Any
+	if r.Sotw != nil {
+		anys = r.Sotw.GetResources()
+	} else {
+		for _, res := range r.Delta.GetResources() {
+			anys = append(anys, res.GetResource())
+		}
+	}
+	for _, a := range anys {
+		c := &cluster.Cluster{}
+		if err := a.UnmarshalTo(c); err != nil {
+			t.Fatal(err)
+		}
+		if c.GetName() == name {
+			return len(c.GetMetadata().GetFilterMetadata()["istio"].GetFields()["padding"].GetStringValue())
+		}
+	}
+	return -1
+}
+
+func listenTCP(addr string) (net.Listener, error) { return net.Listen("tcp", addr) }
