@@ -197,9 +197,15 @@ func decodeFamilies(body []byte, format expfmt.Format) ([]*dto.MetricFamily, err
 // the output never announces a family twice (which Prometheus would reject).
 type merger struct {
 	fams map[string]*dto.MetricFamily
+	// claimed maps every name a family writes (its metadata name and each
+	// sample name, e.g. x_sum of histogram x) to the family's key, so a
+	// family from a later source cannot write a line another family owns.
+	claimed map[string]string
 }
 
-func newMerger() *merger { return &merger{fams: map[string]*dto.MetricFamily{}} }
+func newMerger() *merger {
+	return &merger{fams: map[string]*dto.MetricFamily{}, claimed: map[string]string{}}
+}
 
 // add merges fams and returns how many families it had to drop.
 func (m *merger) add(fams []*dto.MetricFamily) int {
@@ -211,6 +217,14 @@ func (m *merger) add(fams []*dto.MetricFamily) int {
 		key := familyKey(mf)
 		have, ok := m.fams[key]
 		if !ok {
+			names := writtenNames(mf)
+			if m.clash(key, names) {
+				dropped++
+				continue
+			}
+			for _, n := range names {
+				m.claimed[n] = key
+			}
 			m.fams[key] = mf
 			continue
 		}
@@ -229,6 +243,29 @@ func (m *merger) add(fams []*dto.MetricFamily) int {
 		}
 	}
 	return dropped
+}
+
+func (m *merger) clash(key string, names []string) bool {
+	for _, n := range names {
+		if owner, ok := m.claimed[n]; ok && owner != key {
+			return true
+		}
+	}
+	return false
+}
+
+// writtenNames lists the names a family puts on the wire in either format.
+func writtenNames(mf *dto.MetricFamily) []string {
+	name, key := mf.GetName(), familyKey(mf)
+	switch mf.GetType() {
+	case dto.MetricType_COUNTER:
+		return []string{key, name, key + "_total", key + "_created"}
+	case dto.MetricType_SUMMARY:
+		return []string{name, name + "_sum", name + "_count", name + "_created"}
+	case dto.MetricType_HISTOGRAM, dto.MetricType_GAUGE_HISTOGRAM:
+		return []string{name, name + "_bucket", name + "_sum", name + "_count", name + "_created", name + "_gcount", name + "_gsum"}
+	}
+	return []string{name}
 }
 
 // familyKey is the name a family's metadata carries in OpenMetrics, where a

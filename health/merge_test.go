@@ -336,3 +336,35 @@ func TestMergeEnvoyStatsOff(t *testing.T) {
 		t.Errorf("agent metrics missing")
 	}
 }
+
+// Whatever two sources send, the merged output parses in the negotiated
+// format and names no family twice.
+func FuzzMerge(f *testing.F) {
+	f.Add(envoyText, appText, false)
+	f.Add(envoyText, appOpenMetrics, true)
+	f.Add("# TYPE x histogram\nx_bucket{le=\"1\"} 1\nx_bucket{le=\"+Inf\"} 2\nx_sum 3\nx_count 2\n", "x_sum 1\n", true)
+	f.Fuzz(func(t *testing.T, a, b string, om bool) {
+		m := newMerger()
+		for _, src := range []string{a, b} {
+			fams, err := decodeFamilies([]byte(src), expfmt.FmtText)
+			if err != nil {
+				continue
+			}
+			m.add(fams)
+		}
+		format := expfmt.FmtText
+		if om {
+			format = expfmt.FmtOpenMetrics_1_0_0
+		}
+		var out bytes.Buffer
+		if err := m.write(&out, format); err != nil {
+			t.Fatal(err)
+		}
+		if om && strings.Count(out.String(), "# EOF") != 1 {
+			t.Fatalf("%d # EOF in %q", strings.Count(out.String(), "# EOF"), out.String())
+		}
+		if _, err := decodeFamilies(out.Bytes(), format); err != nil {
+			t.Fatalf("merged output does not parse: %v\n%s", err, out.String())
+		}
+	})
+}
