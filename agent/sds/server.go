@@ -59,7 +59,7 @@ func New(cfg Config, log *zap.Logger) (*Server, error) {
 	if !cfg.FileMountedCerts {
 		s.workload = &workload{
 			cfg: cfg, log: log, store: s.store, metrics: m, rnd: defaultRand,
-			id: certs.SPIFFEID(cfg.TrustDomain, cfg.Namespace, cfg.ServiceAccount).String(),
+			id: certs.SPIFFEID(cfg.TrustDomain, cfg.Namespace, cfg.ServiceAccount),
 		}
 	}
 	return s, nil

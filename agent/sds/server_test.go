@@ -3,6 +3,7 @@ package sds
 import (
 	"context"
 	"crypto"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -87,7 +88,9 @@ func startServer(t *testing.T, cfg Config) *harness {
 	})
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		if _, err := os.Stat(cfg.SocketPath); err == nil {
+		// Dial, not stat: a stale socket may sit there until Run replaces it.
+		if c, err := net.Dial("unix", cfg.SocketPath); err == nil {
+			c.Close()
 			break
 		}
 		if time.Now().After(deadline) {
@@ -295,7 +298,10 @@ func TestSocketSetup(t *testing.T) {
 	_ = h
 
 	// A live socket belongs to someone else: refuse to steal it.
-	if _, err := listenUnix(cfg.SocketPath); err == nil || !strings.Contains(err.Error(), "WORKLOAD_IDENTITY_SOCKET_FILE") {
+	if l, err := listenUnix(cfg.SocketPath); err == nil || !strings.Contains(err.Error(), "WORKLOAD_IDENTITY_SOCKET_FILE") {
+		if l != nil {
+			l.Close()
+		}
 		t.Errorf("listen on a live socket: %v, want an error naming WORKLOAD_IDENTITY_SOCKET_FILE", err)
 	}
 	// A regular file is not ours to delete.

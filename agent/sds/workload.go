@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"net/url"
 	"time"
 
 	"go.uber.org/zap"
@@ -26,7 +27,7 @@ type workload struct {
 	log     *zap.Logger
 	store   *store
 	metrics *metrics
-	id      string
+	id      *url.URL // spiffe://<trust domain>/ns/<ns>/sa/<sa>
 	rnd     func() float64
 }
 
@@ -61,14 +62,14 @@ func (w *workload) run(ctx context.Context) error {
 				}
 			}
 			w.log.Warn("workload certificate request failed; retrying",
-				zap.String("identity", w.id), zap.Int("attempt", failures), zap.Duration("retry_in", wait), zap.Error(err))
+				zap.Stringer("identity", w.id), zap.Int("attempt", failures), zap.Duration("retry_in", wait), zap.Error(err))
 		} else {
 			failures, withdrawn = 0, false
 			w.publish(cur, next)
 			cur = next
 			wait = rotationDelay(time.Now(), cur.issuedAt, cur.notAfter, w.cfg.GracePeriodRatio, w.cfg.GracePeriodRatioJitter, w.rnd)
 			w.log.Info("workload certificate ready",
-				zap.String("identity", w.id), zap.Time("expires", cur.notAfter), zap.Duration("renew_in", wait))
+				zap.Stringer("identity", w.id), zap.Time("expires", cur.notAfter), zap.Duration("renew_in", wait))
 		}
 		t := time.NewTimer(wait)
 		select {
@@ -100,8 +101,7 @@ func (w *workload) issue(ctx context.Context) (*issued, error) {
 	if err != nil {
 		return nil, err
 	}
-	id := certs.SPIFFEID(w.cfg.TrustDomain, w.cfg.Namespace, w.cfg.ServiceAccount)
-	csr, err := certs.CreateCSR(key, id)
+	csr, err := certs.CreateCSR(key, w.id)
 	if err != nil {
 		return nil, err
 	}
@@ -119,7 +119,7 @@ func (w *workload) issue(ctx context.Context) (*issued, error) {
 		w.metrics.csrFailures.Inc()
 		return nil, fmt.Errorf("CA response roots: %w", err)
 	}
-	v, err := certs.VerifyChain(chainPEM, certs.Check{Key: key, Roots: roots, SPIFFEID: w.id, Now: now})
+	v, err := certs.VerifyChain(chainPEM, certs.Check{Key: key, Roots: roots, SPIFFEID: w.id.String(), Now: now})
 	if err != nil {
 		w.metrics.csrFailures.Inc()
 		return nil, fmt.Errorf("refusing the certificate from the CA: %w", err)

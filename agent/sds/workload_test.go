@@ -95,7 +95,7 @@ func newTestWorkload(t *testing.T, cfg Config) (*workload, *directCA, *testca.CA
 	}
 	m, _ := newMetrics(nil)
 	w := &workload{cfg: cfg, log: zaptest.NewLogger(t), store: newStore(), metrics: m, rnd: defaultRand,
-		id: certs.SPIFFEID(cfg.TrustDomain, "ns", "sa").String()}
+		id: certs.SPIFFEID(cfg.TrustDomain, "ns", "sa")}
 	return w, d, ca
 }
 

@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -123,7 +124,13 @@ func start(t *testing.T, ca *testca.CA, dir string, mutate func(*sds.Config)) *e
 			t.Errorf("Run: %v", err)
 		}
 	})
-	waitFor(t, 5*time.Second, "SDS socket", func() bool { _, err := os.Stat(cfg.SocketPath); return err == nil })
+	waitFor(t, 5*time.Second, "SDS socket", func() bool {
+		c, err := net.Dial("unix", cfg.SocketPath)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
 	conn, err := grpc.NewClient("unix://"+cfg.SocketPath, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
