@@ -22,7 +22,6 @@ var ErrValidationFailed = errors.New("iptables validation failed: connections ar
 // routes. RunValidation then proves the redirect. The final state is
 // logged. Dry runs are handled by the caller, which prints plan.
 func Execute(ctx context.Context, cfg *Config, plan *Plan, log *zap.Logger) error {
-	log = log.Named("iptables")
 	r := &runner{log: log}
 	return inNetns(cfg.NetworkNamespace, func() error {
 		if cfg.CleanupOnly {

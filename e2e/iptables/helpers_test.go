@@ -1,0 +1,251 @@
+package iptables_test
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/outrigger-mesh/outrigger/e2e/internal/testenv"
+	"github.com/outrigger-mesh/outrigger/iptables"
+)
+
+// helperEnv switches the test binary into a helper process (see TestMain):
+// a client that must run as another uid.
+const helperEnv = "OUTRIGGER_E2E_IPTABLES_HELPER"
+
+// injector is the istio-init command line of an injected sidecar.
+var injector = []string{"-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"}
+
+func TestMain(m *testing.M) {
+	if addr := os.Getenv(helperEnv); addr != "" {
+		// Dial addr and write "ok" or the error: runs as uid 1337 in the
+		// pod's namespace, inherited from the thread that started it.
+		c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+		if err != nil {
+			fmt.Println("error:", err)
+			os.Exit(1)
+		}
+		fmt.Fprint(c, "from-1337")
+		c.Close()
+		fmt.Println("ok")
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// inNS runs fn on a thread inside the named namespace: sockets fn opens
+// and processes it starts belong to it.
+func inNS(t testing.TB, ns *testenv.Netns, fn func()) {
+	t.Helper()
+	target, err := os.Open(ns.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer target.Close()
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
+		if err != nil {
+			done <- err
+			return
+		}
+		defer orig.Close()
+		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+			done <- err
+			return
+		}
+		fn()
+		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err == nil {
+			runtime.UnlockOSThread()
+		}
+		done <- nil
+	}()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// listen opens a TCP listener in ns (transparent: IP_TRANSPARENT, for
+// TPROXY).
+func listen(t testing.TB, ns *testenv.Netns, addr string, transparent bool) *net.TCPListener {
+	t.Helper()
+	var ln net.Listener
+	var err error
+	inNS(t, ns, func() {
+		lc := net.ListenConfig{Control: func(network, _ string, c syscall.RawConn) error {
+			var serr error
+			err := c.Control(func(fd uintptr) {
+				if transparent {
+					level, opt := unix.SOL_IP, unix.IP_TRANSPARENT
+					if strings.HasSuffix(network, "6") {
+						level, opt = unix.SOL_IPV6, unix.IPV6_TRANSPARENT
+					}
+					serr = unix.SetsockoptInt(int(fd), level, opt, 1)
+				}
+			})
+			if err != nil {
+				return err
+			}
+			return serr
+		}}
+		ln, err = lc.Listen(t.Context(), "tcp", addr)
+	})
+	if err != nil {
+		t.Fatalf("listen %s: %v", addr, err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln.(*net.TCPListener)
+}
+
+// accepted is what a listener saw of one connection.
+type accepted struct {
+	Local, Remote, OrigDst netip.AddrPort
+	Payload            string
+}
+
+// acceptOne accepts a connection within a second; ok is false on timeout.
+func acceptOne(t testing.TB, ln *net.TCPListener, origDst bool) (accepted, bool) {
+	t.Helper()
+	_ = ln.SetDeadline(time.Now().Add(time.Second))
+	c, err := ln.AcceptTCP()
+	if err != nil {
+		return accepted{}, false
+	}
+	defer c.Close()
+	a := accepted{
+		Local:  netip.MustParseAddrPort(c.LocalAddr().String()),
+		Remote: netip.MustParseAddrPort(c.RemoteAddr().String()),
+	}
+	if origDst {
+		if a.OrigDst, err = iptables.OriginalDst(c); err != nil {
+			t.Errorf("SO_ORIGINAL_DST: %v", err)
+		}
+	}
+	_ = c.SetReadDeadline(time.Now().Add(time.Second))
+	buf := make([]byte, 64)
+	n, _ := c.Read(buf)
+	a.Payload = string(buf[:n])
+	return a, true
+}
+
+// dial connects from ns to addr and sends payload. A refused connection is
+// not an error: what matters is which listener saw the SYN.
+func dial(t testing.TB, ns *testenv.Netns, addr, payload string) {
+	t.Helper()
+	inNS(t, ns, func() {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err != nil {
+			return
+		}
+		fmt.Fprint(c, payload)
+		c.Close()
+	})
+}
+
+// dialAs1337 dials from ns as the proxy's uid and gid, through a helper
+// process.
+func dialAs1337(t testing.TB, ns *testenv.Netns, addr string) string {
+	t.Helper()
+	var out []byte
+	inNS(t, ns, func() {
+		cmd := exec.Command("/proc/self/exe", "-test.run=^$")
+		cmd.Env = append(os.Environ(), helperEnv+"="+addr)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 1337, Gid: 1337}}
+		out, _ = cmd.CombinedOutput()
+	})
+	return strings.TrimSpace(string(out))
+}
+
+// outrigger runs "outrigger istio-iptables args" inside ns with env.
+func outrigger(t testing.TB, ns *testenv.Netns, env []string, args ...string) (string, error) {
+	t.Helper()
+	cmd := ns.Command(testenv.Outrigger(t), append([]string{"istio-iptables"}, args...)...)
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+func mustOutrigger(t testing.TB, ns *testenv.Netns, env []string, args ...string) string {
+	t.Helper()
+	out, err := outrigger(t, ns, env, args...)
+	if err != nil {
+		t.Fatalf("outrigger istio-iptables %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+// resolvConf makes "ip netns exec" show the namespace a resolv.conf of its
+// own (it bind-mounts /etc/netns/<name>/resolv.conf).
+func resolvConf(t testing.TB, ns *testenv.Netns, servers ...string) {
+	t.Helper()
+	dir := filepath.Join("/etc/netns", ns.Name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	var b strings.Builder
+	for _, s := range servers {
+		b.WriteString("nameserver " + s + "\n")
+	}
+	if err := os.WriteFile(filepath.Join(dir, "resolv.conf"), []byte(b.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// snapshot is the namespace's capture state as text: both backends' save
+// output per family (comments, counters and tables holding nothing
+// dropped: legacy tables cannot be removed once created, nft keeps base
+// chains), policy rules, all routes and lo's addresses.
+func snapshot(t testing.TB, ns *testenv.Netns) string {
+	t.Helper()
+	var b strings.Builder
+	for _, tool := range []string{"iptables-legacy-save", "iptables-nft-save", "ip6tables-legacy-save", "ip6tables-nft-save"} {
+		out, err := ns.RunErr(tool)
+		if err != nil {
+			out = "error: " + err.Error()
+		}
+		b.WriteString("== " + tool + "\n" + effective(out))
+	}
+	for _, c := range [][]string{{"ip", "-4", "rule"}, {"ip", "-6", "rule"}, {"ip", "-4", "route", "show", "table", "all"}, {"ip", "-6", "route", "show", "table", "all"}, {"ip", "addr", "show", "dev", "lo"}} {
+		out, _ := ns.RunErr(c[0], c[1:]...)
+		b.WriteString("== " + strings.Join(c, " ") + "\n" + out)
+	}
+	return b.String()
+}
+
+func effective(save string) string {
+	var b strings.Builder
+	var table []string
+	keep := false
+	for _, l := range strings.Split(save, "\n") {
+		switch {
+		case l == "" || strings.HasPrefix(l, "#"):
+		case strings.HasPrefix(l, "*"):
+			table, keep = []string{l}, false
+		case l == "COMMIT":
+			if keep {
+				b.WriteString(strings.Join(append(table, l), "\n") + "\n")
+			}
+		case strings.HasPrefix(l, ":"):
+			f := strings.Fields(l)
+			table = append(table, f[0]+" "+f[1])
+			if strings.HasPrefix(f[0], ":ISTIO") || f[1] != "ACCEPT" {
+				keep = true
+			}
+		default:
+			table, keep = append(table, l), true
+		}
+	}
+	return b.String()
+}
