@@ -111,7 +111,7 @@ func listen(t testing.TB, ns *testenv.Netns, addr string, transparent bool) *net
 // accepted is what a listener saw of one connection.
 type accepted struct {
 	Local, Remote, OrigDst netip.AddrPort
-	Payload            string
+	Payload                string
 }
 
 // acceptOne accepts a connection within a second; ok is false on timeout.
