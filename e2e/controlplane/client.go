@@ -39,9 +39,15 @@ type Response struct {
 // DialAgent opens an ADS stream on a unix socket as node id.
 // Extra options go after the defaults (insecure, 1 GiB messages).
 func DialAgent(ctx context.Context, socket string, delta bool, node *core.Node, opts ...grpc.DialOption) (*Client, error) {
+	return DialADS(ctx, "unix://"+socket, delta, node, opts...)
+}
+
+// DialADS opens an ADS stream to a gRPC target (e.g. "unix:///path" or
+// "127.0.0.1:15010" for the control plane directly).
+func DialADS(ctx context.Context, target string, delta bool, node *core.Node, opts ...grpc.DialOption) (*Client, error) {
 	opts = append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(1 << 30))}, opts...)
-	conn, err := grpc.NewClient("unix://"+socket, opts...)
+	conn, err := grpc.NewClient(target, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -56,7 +62,7 @@ func DialAgent(ctx context.Context, socket string, delta bool, node *core.Node, 
 	if err != nil {
 		cancel()
 		conn.Close()
-		return nil, fmt.Errorf("open ADS stream on %s: %w", socket, err)
+		return nil, fmt.Errorf("open ADS stream to %s: %w", target, err)
 	}
 	return c, nil
 }
