@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"strings"
 	"sync"
@@ -271,4 +272,32 @@ func FuzzParseAppProbers(f *testing.F) {
 			}
 		}
 	})
+}
+
+// HTTPS probes skip certificate checks (the app's cert is self-signed, as
+// kubelet allows) and speak HTTP/2 unless ISTIO_ENABLE_HTTP2_PROBING=false.
+func TestAppProbesHTTPS(t *testing.T) {
+	app := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = fmt.Fprint(w, r.Proto)
+	}))
+	app.EnableHTTP2 = true
+	app.StartTLS()
+	defer app.Close()
+	port := netip.MustParseAddrPort(app.Listener.Addr().String()).Port()
+	for _, tc := range []struct {
+		http2 bool
+		want  string
+	}{{true, "HTTP/2.0"}, {false, "HTTP/1.1"}} {
+		parsed, err := ParseAppProbers(fmt.Sprintf(`{"/app-health/tls/readyz":{"httpGet":{"path":"/","port":%d,"scheme":"HTTPS"}}}`, port))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := testConfig(nil)
+		cfg.AppProbers = parsed
+		cfg.ProbeHTTP2 = tc.http2
+		s := start(t, cfg)
+		if code, body := get(t, s.StatusAddr(), "/app-health/tls/readyz"); code != 200 || body != tc.want {
+			t.Errorf("http2=%v: %d %q, want 200 %q", tc.http2, code, body, tc.want)
+		}
+	}
 }
