@@ -61,14 +61,21 @@ func (f *fakeUpstream) hits() int { return int(f.udpHits.Load() + f.tcpHits.Load
 func startUpstream(t *testing.T, h func(w dns.ResponseWriter, r *dns.Msg, tcp bool)) *fakeUpstream {
 	t.Helper()
 	f := &fakeUpstream{handler: h}
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.addr = pc.LocalAddr().(*net.UDPAddr).AddrPort()
-	l, err := net.Listen("tcp", f.addr.String())
-	if err != nil {
-		t.Fatal(err)
+	var pc net.PacketConn
+	var l net.Listener
+	for attempt := 0; ; attempt++ { // the UDP port may be taken for TCP
+		var err error
+		if pc, err = net.ListenPacket("udp", "127.0.0.1:0"); err != nil {
+			t.Fatal(err)
+		}
+		f.addr = pc.LocalAddr().(*net.UDPAddr).AddrPort()
+		if l, err = net.Listen("tcp", f.addr.String()); err == nil {
+			break
+		}
+		pc.Close()
+		if attempt > 10 {
+			t.Fatal(err)
+		}
 	}
 	serve := func(tcp bool) dns.HandlerFunc {
 		return func(w dns.ResponseWriter, r *dns.Msg) {

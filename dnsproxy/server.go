@@ -182,8 +182,17 @@ func (s *Server) Run(ctx context.Context) error {
 }
 
 // bind opens the UDP and TCP sockets. With port 0 every socket gets the port
-// the first one got.
+// the first one got (retrying when that port is taken for another socket).
 func (s *Server) bind() (udps []*net.UDPConn, tcps []*net.TCPListener, err error) {
+	for attempt := 0; ; attempt++ {
+		udps, tcps, err = s.bindOnce()
+		if err == nil || s.listen.port != 0 || attempt >= 10 || !errors.Is(err, syscall.EADDRINUSE) {
+			return udps, tcps, err
+		}
+	}
+}
+
+func (s *Server) bindOnce() (udps []*net.UDPConn, tcps []*net.TCPListener, err error) {
 	defer func() {
 		if err != nil {
 			for _, c := range udps {
@@ -192,6 +201,7 @@ func (s *Server) bind() (udps []*net.UDPConn, tcps []*net.TCPListener, err error
 			for _, l := range tcps {
 				l.Close()
 			}
+			udps, tcps = nil, nil
 		}
 	}()
 	var ips []netip.Addr
