@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -150,5 +149,3 @@ func TestLargeMesh(t *testing.T) {
 	}
 }
 
-// quiet keeps strconv in use for helpers below.
-var _ = strconv.Itoa
