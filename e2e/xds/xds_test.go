@@ -148,4 +148,3 @@ func TestLargeMesh(t *testing.T) {
 		c.Close()
 	}
 }
-
