@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"path"
 	"time"
 
 	udpatypev1 "github.com/cncf/xds/go/udpa/type/v1"
@@ -31,8 +30,6 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
-
-	"github.com/outrigger-mesh/outrigger/agent/config"
 )
 
 // Names Envoy, the agent and istiod agree on.
@@ -157,7 +154,7 @@ func Build(p Params) (*bootstrapv3.Bootstrap, error) {
 				staticCluster(PrometheusCluster, 250*time.Millisecond, socketAddress(fam.localhost, uint32(p.Proxy.ProxyAdminPort))),
 				staticCluster(AgentCluster, 250*time.Millisecond, socketAddress(fam.localhost, uint32(p.Proxy.StatusPort))),
 				withHTTP2(staticCluster(SDSCluster, time.Second, pipeAddress(p.SDSSocketPath)), 0),
-				xdsCluster(path.Join(p.Proxy.ConfigPath, config.DefaultXDSSocketName)),
+				xdsCluster(p.Proxy.XDSSocketPath()),
 			},
 			Listeners: []*listenerv3.Listener{prometheusListener(fam, p.EnvoyPrometheusPort)},
 		},

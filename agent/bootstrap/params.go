@@ -9,7 +9,6 @@ package bootstrap
 import (
 	"fmt"
 	"net/netip"
-	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -101,7 +100,7 @@ func OptionsFromEnv(env config.Env) (Options, error) {
 		if strings.ContainsRune(f, '/') {
 			return o, fmt.Errorf("env WORKLOAD_IDENTITY_SOCKET_FILE: %q must be a file name, not a path", f)
 		}
-		o.SDSSocketPath = filepath.Dir(config.DefaultSDSSocketPath) + "/" + f
+		o.SDSSocketPath = strings.TrimSuffix(config.DefaultSDSSocketPath, "socket") + f
 	}
 	o.TemplateEnv = env.Get("ISTIO_BOOTSTRAP")
 	o.OverrideFile = env.Get("ISTIO_BOOTSTRAP_OVERRIDE")

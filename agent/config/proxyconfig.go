@@ -7,6 +7,7 @@ package config
 
 import (
 	"encoding/json"
+	"strings"
 	"time"
 )
 
@@ -199,6 +200,17 @@ func (p *ProxyConfig) Clone() *ProxyConfig {
 		}
 	}
 	return &c
+}
+
+// XDSSocketPath is the unix socket the xDS proxy serves and Envoy's
+// xds-grpc cluster dials: <configPath>/XDS.
+func (p *ProxyConfig) XDSSocketPath() string {
+	return strings.TrimSuffix(p.ConfigPath, "/") + "/" + DefaultXDSSocketName
+}
+
+// BootstrapPath is where the generated bootstrap goes: <configPath>/envoy-rev.json.
+func (p *ProxyConfig) BootstrapPath() string {
+	return strings.TrimSuffix(p.ConfigPath, "/") + "/" + DefaultBootstrapName
 }
 
 // ConcurrencyValue is the effective worker count (0 = Envoy's default).
