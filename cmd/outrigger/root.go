@@ -61,6 +61,7 @@ func newRootCmd() *cobra.Command {
 		newWaitCmd(g),
 		newProxyCmd(g),
 		newRequestCmd(),
+		newDNSProxyCmd(g),
 	)
 	tolerateUnknownFlags(root)
 	return root
