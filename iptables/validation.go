@@ -81,13 +81,20 @@ func validate(ctx context.Context, cfg *Config, log *zap.Logger) error {
 	defer cancel()
 	found := make(chan netip.AddrPort, 1)
 	var wg sync.WaitGroup
+	var listeners []net.Listener
+	defer func() {
+		for _, ln := range listeners {
+			ln.Close()
+		}
+		wg.Wait()
+	}()
 	for _, port := range []uint16{cfg.ProxyPort, cfg.InboundCapturePort} {
 		addr := net.JoinHostPort(listenIP, fmt.Sprint(port))
 		ln, err := lc.Listen(ctx, "tcp", addr)
 		if err != nil {
 			return fmt.Errorf("%w: listen on %s: %v", ErrValidationFailed, addr, err)
 		}
-		defer ln.Close()
+		listeners = append(listeners, ln)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -107,9 +114,7 @@ func validate(ctx context.Context, cfg *Config, log *zap.Logger) error {
 				}
 			}
 		}()
-		context.AfterFunc(ctx, func() { ln.Close() })
 	}
-	defer wg.Wait()
 
 	target := net.JoinHostPort(probeIP, fmt.Sprint(cfg.ProbePort))
 	tick := time.NewTicker(time.Second)

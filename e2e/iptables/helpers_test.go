@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
 
 	"github.com/outrigger-mesh/outrigger/e2e/internal/testenv"
@@ -40,7 +41,7 @@ func TestMain(m *testing.M) {
 		fmt.Println("ok")
 		os.Exit(0)
 	}
-	os.Exit(m.Run())
+	goleak.VerifyTestMain(m)
 }
 
 // inNS runs fn on a thread inside the named namespace: sockets fn opens
