@@ -13,6 +13,8 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 	"sigs.k8s.io/yaml"
 
+	"github.com/outrigger-mesh/outrigger/agent/bootstrap"
+
 	// Every @type an Istio bootstrap or an xDS resource of the tests may
 	// carry must be linked in, or protojson cannot resolve it (Envoy would
 	// know them all).
@@ -61,6 +63,12 @@ func loadBootstrap(path, override string) (*bootstrapv3.Bootstrap, error) {
 		if err != nil {
 			return nil, fmt.Errorf("unable to read file: %s", path)
 		}
+		// The agent's own strict check is the reference for "what Envoy
+		// rejects": the double must fail exactly where the agent says
+		// Envoy would.
+		if err := bootstrap.Validate(data, formatOf(path, data)); err != nil {
+			return nil, fmt.Errorf("unable to parse JSON/YAML as proto (%s): %w", path, err)
+		}
 		if err := unmarshalStrict(data, b); err != nil {
 			return nil, fmt.Errorf("unable to parse JSON/YAML as proto (%s): %w", path, err)
 		}
@@ -71,6 +79,13 @@ func loadBootstrap(path, override string) (*bootstrapv3.Bootstrap, error) {
 			return nil, fmt.Errorf("--config-yaml: unable to parse as proto: %w", err)
 		}
 		proto.Merge(b, o)
+		merged, err := protojson.Marshal(b)
+		if err != nil {
+			return nil, fmt.Errorf("--config-yaml: %w", err)
+		}
+		if err := bootstrap.Validate(merged, "json"); err != nil {
+			return nil, fmt.Errorf("bootstrap with --config-yaml: %w", err)
+		}
 	}
 	if path == "" && override == "" {
 		return nil, errors.New("at least one of --config-path or --config-yaml or Options::configProto() should be non-empty")
@@ -79,6 +94,17 @@ func loadBootstrap(path, override string) (*bootstrapv3.Bootstrap, error) {
 		return nil, fmt.Errorf("bootstrap: %w", err)
 	}
 	return b, nil
+}
+
+// formatOf decides YAML or JSON as Envoy does: by extension, else by content.
+func formatOf(path string, data []byte) string {
+	if strings.HasSuffix(path, ".yaml") || strings.HasSuffix(path, ".yml") {
+		return "yaml"
+	}
+	if strings.HasPrefix(strings.TrimSpace(string(data)), "{") {
+		return "json"
+	}
+	return "yaml"
 }
 
 // unmarshalStrict parses JSON or YAML into m, rejecting unknown fields.

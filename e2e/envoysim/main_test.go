@@ -105,10 +105,10 @@ func TestCommandLineAndBootstrapErrors(t *testing.T) {
 			want: 1, wantOut: "no.such.Type"},
 		{name: "constraint inside Any", args: []string{"--mode", "validate", "-c", write("c.json",
 			`{"static_resources": {"listeners": [{"name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
-			  "filter_chains": [{"filters": [{"name": "t", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "stat_prefix": ""}}]}]}]}}`)},
-			want: 1, wantOut: "StatPrefix"},
+			  "filter_chains": [{"filters": [{"name": "t", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "stat_prefix": "", "cluster": "x"}}]}]}]}}`)},
+			want: 1, wantOut: "filters[0].typed_config.stat_prefix"},
 		{name: "constraint at top", args: []string{"--mode", "validate", "-c", write("t.json",
-			`{"static_resources": {"clusters": [{"name": "", "connect_timeout": "1s"}]}}`)}, want: 1, wantOut: "Cluster.Name"},
+			`{"static_resources": {"clusters": [{"name": "", "connect_timeout": "1s"}]}}`)}, want: 1, wantOut: "static_resources.clusters[0].name"},
 		{name: "yaml file", args: []string{"--mode", "validate", "-c", write("y.yaml", "admin:\n  address:\n    socket_address: {address: 127.0.0.1, port_value: 0}\n")}, want: 0, wantOut: "OK"},
 		{name: "config-yaml override merges", args: []string{"--mode", "validate", "-c", good, "--config-yaml", `{"admin": {"bogus": 1}}`}, want: 1, wantOut: "bogus"},
 	}
