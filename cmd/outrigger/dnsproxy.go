@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"net/netip"
 	"os"
 	"strconv"
 	"strings"
@@ -110,6 +111,7 @@ type dnsProxyFlags struct {
 	domain           string
 	resolvConf       string
 	allowNonLoopback bool
+	upstreams        []string
 }
 
 func newDNSProxyCmd(g *globalFlags) *cobra.Command {
@@ -139,6 +141,7 @@ DNS_CACHE* and DNS_SERVE_STALE environment variables apply as in proxy mode.`,
 	fl.StringVar(&f.domain, "domain", "", "proxy domain for short names (default <namespace>.svc.cluster.local)")
 	fl.StringVar(&f.resolvConf, "resolv-conf", dnsproxy.DefaultResolvConf, "resolv.conf with the upstream nameservers and search list")
 	fl.BoolVar(&f.allowNonLoopback, "allow-non-loopback", false, "allow --listen on a non-loopback address")
+	fl.StringSliceVar(&f.upstreams, "upstream", nil, "upstream resolver ip:port instead of the resolv.conf nameservers (repeatable)")
 	_ = cmd.MarkFlagRequired("name-table")
 	return cmd
 }
@@ -162,6 +165,13 @@ func runDNSProxy(cmd *cobra.Command, f *dnsProxyFlags, log *zap.Logger) error {
 		cfg.ResolvConf = f.resolvConf
 	}
 	cfg.AllowNonLoopback = f.allowNonLoopback
+	for _, u := range f.upstreams {
+		ap, err := netip.ParseAddrPort(u)
+		if err != nil {
+			return fmt.Errorf("--upstream %q: want ip:port, e.g. 10.96.0.10:53", u)
+		}
+		cfg.Upstreams = append(cfg.Upstreams, ap)
+	}
 	// Fail on a broken file before binding anything.
 	if _, err := dnsproxy.LoadNameTableFile(f.nameTable); err != nil {
 		return fmt.Errorf("--name-table: %w", err)
