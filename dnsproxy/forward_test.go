@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -35,10 +36,10 @@ func bigAnswer(n int, truncUDP bool) func(w dns.ResponseWriter, r *dns.Msg, tcp 
 }
 
 func TestForwardRelaysAnswer(t *testing.T) {
-	var sawEDNS uint16
+	var sawEDNS atomic.Uint32
 	up := startUpstream(t, func(w dns.ResponseWriter, r *dns.Msg, tcp bool) {
 		if o := r.IsEdns0(); o != nil {
-			sawEDNS = o.UDPSize()
+			sawEDNS.Store(uint32(o.UDPSize()))
 		}
 		answerA("192.0.2.99", 60)(w, r, tcp)
 	})
@@ -55,8 +56,8 @@ func TestForwardRelaysAnswer(t *testing.T) {
 			t.Errorf("OPT record in the answer to a query without EDNS")
 		}
 	}
-	if sawEDNS != ourUDPSize {
-		t.Errorf("upstream saw EDNS size %d, want %d", sawEDNS, ourUDPSize)
+	if got := sawEDNS.Load(); got != ourUDPSize {
+		t.Errorf("upstream saw EDNS size %d, want %d", got, ourUDPSize)
 	}
 }
 
