@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 )
 
@@ -72,4 +73,15 @@ func Rooted(root, path string) string {
 		return path
 	}
 	return filepath.Join(root, path)
+}
+
+// List returns the environment as sorted KEY=value pairs, the form
+// exec.Cmd.Env takes.
+func (e Env) List() []string {
+	out := make([]string, 0, len(e))
+	for k, v := range e {
+		out = append(out, k+"="+v)
+	}
+	sort.Strings(out)
+	return out
 }

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -181,108 +180,4 @@ func (a *Admin) ActiveConnections(ctx context.Context) (int, error) {
 		total += int(v)
 	}
 	return total, nil
-}
-
-// ErrNotReady is wrapped by every readiness failure.
-var ErrNotReady = errors.New("envoy not ready")
-
-// Readiness is Envoy's half of the agent's readiness probe (15021
-// /healthz/ready), as Istio computes it: config received over xDS (CDS and
-// LDS each accepted at least once) and the server LIVE with its workers
-// started. Both results are sticky once true, as in Istio, so a busy Envoy
-// does not flap the pod out of its endpoints. Safe for concurrent use.
-type Readiness struct {
-	admin *Admin
-	// Draining, when set and true, fails the check at once (the agent is
-	// shutting down).
-	Draining func() bool
-
-	mu            chan struct{} // 1-slot semaphore: one check in flight
-	configSeen    bool
-	onceLive      bool
-	firstLiveSeen func()
-}
-
-// NewReadiness returns a probe of Envoy's admin API. onFirstLive, if not
-// nil, runs once when Envoy first becomes ready (for the startup-duration
-// metric).
-func NewReadiness(admin *Admin, draining func() bool, onFirstLive func()) *Readiness {
-	return &Readiness{admin: admin, Draining: draining, mu: make(chan struct{}, 1), firstLiveSeen: onFirstLive}
-}
-
-// Check returns nil when Envoy is ready, else an error saying why.
-func (r *Readiness) Check(ctx context.Context) error {
-	if r.Draining != nil && r.Draining() {
-		return fmt.Errorf("%w: server is terminated: draining", ErrNotReady)
-	}
-	select {
-	case r.mu <- struct{}{}:
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-	defer func() { <-r.mu }()
-	if !r.configSeen {
-		if err := r.checkConfig(ctx); err != nil {
-			return err
-		}
-		r.configSeen = true
-	}
-	if r.onceLive {
-		return nil
-	}
-	st, err := r.admin.Stats(ctx, `^(server\.state|listener_manager\.workers_started)`, liveStatsTimeout)
-	if err != nil {
-		return fmt.Errorf("%w: %w", ErrNotReady, err)
-	}
-	state, okState := st["server.state"]
-	workers, okWorkers := st["listener_manager.workers_started"]
-	if !okState || !okWorkers {
-		return fmt.Errorf("%w: server.state or listener_manager.workers_started missing from admin stats", ErrNotReady)
-	}
-	if state != StateLive {
-		return fmt.Errorf("%w: server is not live, current state is: %s", ErrNotReady, stateName(state))
-	}
-	if workers != 1 {
-		return fmt.Errorf("%w: workers have not yet started", ErrNotReady)
-	}
-	r.onceLive = true
-	if r.firstLiveSeen != nil {
-		r.firstLiveSeen()
-	}
-	return nil
-}
-
-func (r *Readiness) checkConfig(ctx context.Context) error {
-	st, err := r.admin.Stats(ctx, `^(cluster_manager\.cds|listener_manager\.lds)\.(update_success|update_rejected)$`, configStatsTimeout)
-	if err != nil {
-		return fmt.Errorf("%w: %w", ErrNotReady, err)
-	}
-	cdsOK, cdsBad := st["cluster_manager.cds.update_success"], st["cluster_manager.cds.update_rejected"]
-	ldsOK, ldsBad := st["listener_manager.lds.update_success"], st["listener_manager.lds.update_rejected"]
-	if cdsOK > 0 && ldsOK > 0 {
-		return nil
-	}
-	detail := fmt.Sprintf("cds updates: %d successful, %d rejected; lds updates: %d successful, %d rejected", cdsOK, cdsBad, ldsOK, ldsBad)
-	switch {
-	case cdsOK+cdsBad+ldsOK+ldsBad == 0:
-		return fmt.Errorf("%w: config not received from XDS server (is Istiod running?): %s", ErrNotReady, detail)
-	case cdsBad > 0 || ldsBad > 0:
-		return fmt.Errorf("%w: config received from XDS server, but was rejected: %s", ErrNotReady, detail)
-	default:
-		return fmt.Errorf("%w: config not fully received from XDS server: %s", ErrNotReady, detail)
-	}
-}
-
-func stateName(s uint64) string {
-	switch s {
-	case StateLive:
-		return "LIVE"
-	case StateDraining:
-		return "DRAINING"
-	case StatePreInitializing:
-		return "PRE_INITIALIZING"
-	case StateInitializing:
-		return "INITIALIZING"
-	}
-	return strconv.FormatUint(s, 10)
 }

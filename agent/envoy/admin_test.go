@@ -2,7 +2,6 @@ package envoy
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -153,49 +152,5 @@ func TestAdminUnreachable(t *testing.T) {
 	defer a.Close()
 	if _, err := a.ActiveConnections(context.Background()); err == nil || !strings.Contains(err.Error(), "envoy admin GET /stats") {
 		t.Errorf("err = %v, want an error naming the admin call", err)
-	}
-}
-
-func TestReadiness(t *testing.T) {
-	const live = "server.state: 0\nlistener_manager.workers_started: 1\n"
-	steps := []struct {
-		stats    string
-		draining bool
-		wantErr  string
-	}{
-		{stats: "", wantErr: "config not received from XDS server (is Istiod running?): cds updates: 0 successful, 0 rejected; lds updates: 0 successful, 0 rejected"},
-		{stats: "cluster_manager.cds.update_rejected: 1\n", wantErr: "config received from XDS server, but was rejected: cds updates: 0 successful, 1 rejected"},
-		{stats: "cluster_manager.cds.update_success: 1\n", wantErr: "config not fully received from XDS server: cds updates: 1 successful, 0 rejected; lds updates: 0 successful"},
-		{stats: "cluster_manager.cds.update_success: 1\nlistener_manager.lds.update_success: 1\nserver.state: 2\nlistener_manager.workers_started: 0\n",
-			wantErr: "server is not live, current state is: PRE_INITIALIZING"},
-		// Config seen is sticky: the counters may vanish from the output now.
-		{stats: "server.state: 0\nlistener_manager.workers_started: 0\n", wantErr: "workers have not yet started"},
-		{stats: "server.state: 0\n", wantErr: "missing"},
-		{stats: live},
-		// Live is sticky too.
-		{stats: "server.state: 1\nlistener_manager.workers_started: 1\n"},
-		{stats: live, draining: true, wantErr: "server is terminated"},
-	}
-	f := newFakeAdmin(t)
-	a := NewAdmin(f.addr())
-	defer a.Close()
-	var draining bool
-	firstLive := 0
-	r := NewReadiness(a, func() bool { return draining }, func() { firstLive++ })
-	for i, s := range steps {
-		f.setStats(s.stats)
-		draining = s.draining
-		err := r.Check(context.Background())
-		switch {
-		case s.wantErr == "" && err != nil:
-			t.Errorf("step %d: unexpected error %v", i, err)
-		case s.wantErr != "" && (err == nil || !strings.Contains(err.Error(), s.wantErr)):
-			t.Errorf("step %d: err = %v, want it to contain %q", i, err, s.wantErr)
-		case s.wantErr != "" && !errors.Is(err, ErrNotReady):
-			t.Errorf("step %d: err = %v does not wrap ErrNotReady", i, err)
-		}
-	}
-	if firstLive != 1 {
-		t.Errorf("onFirstLive ran %d times, want 1", firstLive)
 	}
 }

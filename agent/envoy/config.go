@@ -6,10 +6,8 @@ import (
 	"io"
 	"net/netip"
 	"os"
-	"strings"
 	"time"
 
-	"sigs.k8s.io/yaml"
 )
 
 // ProxyType decides which listeners a drain touches.
@@ -134,20 +132,4 @@ func (c *Config) validate() error {
 		errs = append(errs, fmt.Errorf("concurrency %d is negative", c.Concurrency))
 	}
 	return errors.Join(errs...)
-}
-
-// LoadOverride reads the ISTIO_BOOTSTRAP_OVERRIDE file (YAML or JSON),
-// replaces $(HOST_IP) with hostIP and returns it as JSON for --config-yaml,
-// as Istio does.
-func LoadOverride(path, hostIP string) (string, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return "", fmt.Errorf("ISTIO_BOOTSTRAP_OVERRIDE: %w", err)
-	}
-	s := strings.ReplaceAll(string(b), "$(HOST_IP)", hostIP)
-	j, err := yaml.YAMLToJSON([]byte(s))
-	if err != nil {
-		return "", fmt.Errorf("ISTIO_BOOTSTRAP_OVERRIDE %s: not YAML or JSON: %w", path, err)
-	}
-	return string(j), nil
 }

@@ -3,12 +3,10 @@ package main
 import (
 	"context"
 	"errors"
-	"fmt"
 	"net/netip"
 	"os"
 	"os/signal"
-	"path/filepath"
-	"strings"
+	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -74,20 +72,10 @@ func newProxyCmd(g *globalFlags) *cobra.Command {
 	return cmd
 }
 
-// component is one long-running part of proxy mode. The Envoy supervisor is
-// the first; the xDS proxy, SDS server, DNS proxy and status server join it
-// in proxyComponents.
+// component is one long-running part of proxy mode: the Envoy supervisor,
+// the xDS proxy, the SDS server, the DNS proxy and the status server.
 type component interface {
 	Run(ctx context.Context) error
-}
-
-// lifecycle is what the status server's endpoints need from proxy mode:
-// readiness (Envoy's half of /healthz/ready), POST /drain and POST
-// /quitquitquit.
-type lifecycle struct {
-	readiness *envoy.Readiness
-	drain     func(context.Context) error
-	quit      func()
 }
 
 // errQuit is the cause of the root context's end after /quitquitquit.
@@ -98,6 +86,7 @@ var errQuit = errors.New("quit requested (/quitquitquit)")
 // returns nil when Envoy ends cleanly (drained, or exited 0) and an error
 // carrying Envoy's exit code when Envoy fails.
 func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags, typeArg string, log *zap.Logger) error {
+	start := time.Now()
 	typ, err := config.ParseProxyType(typeArg)
 	if err != nil {
 		return err
@@ -123,6 +112,10 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags, typeArg string
 		return err
 	}
 	pc.Log(log)
+	// Istio exports proxyMetadata into the agent's environment: settings
+	// such as ISTIO_META_DNS_CAPTURE or EXIT_ON_ZERO_ACTIVE_CONNECTIONS work
+	// from there, for the agent and for Envoy.
+	env = config.EffectiveEnv(env, pc)
 
 	bopts, err := bootstrap.OptionsFromEnv(env)
 	if err != nil {
@@ -152,28 +145,38 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags, typeArg string
 	if err != nil {
 		return err
 	}
-	if bopts.OverrideFile != "" {
-		if ecfg.ConfigOverride, err = envoy.LoadOverride(bopts.OverrideFile, bopts.HostIP); err != nil {
-			return err
-		}
-	}
 	disableEnvoy, err := env.Bool("DISABLE_ENVOY", false)
 	if err != nil {
 		return err
 	}
+	// Every part is configured (and its configuration checked) before
+	// anything starts: a bad setting is an error with no Envoy spawned.
+	parts, err := newProxyParts(partsInput{
+		pc: pc, node: node, env: env, typ: typ, flags: f,
+		bopts: bopts, disableEnvoy: disableEnvoy, start: start,
+	}, log)
+	if err != nil {
+		return err
+	}
+	defer parts.close()
 
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	var parts []component
+	var sup *envoy.Proxy
+	var main component = waitForShutdown{}
 	if disableEnvoy {
 		log.Info("DISABLE_ENVOY is set: not starting Envoy")
-		parts = append(parts, waitForShutdown{})
 	} else {
-		if ecfg.BootstrapPath, ecfg.RemoveBootstrap, err = writeBootstrap(pc, bootstrap.Params{Options: bopts, Node: node, Proxy: pc}); err != nil {
+		res, err := bootstrap.Prepare(bootstrap.Params{Options: bopts, Node: node, Proxy: pc})
+		if err != nil {
 			return err
 		}
-		sup, err := envoy.New(ecfg, log)
-		if err != nil {
+		ecfg.BootstrapPath, ecfg.RemoveBootstrap, ecfg.ConfigOverride = res.ConfigPath, res.Generated, res.ConfigYAML
+		// Generating and validating the bootstrap builds every Envoy proto
+		// descriptor once; hand that garbage back to the OS now rather than
+		// keep it resident for the pod's life.
+		debug.FreeOSMemory()
+		if sup, err = envoy.New(ecfg, log); err != nil {
 			if ecfg.RemoveBootstrap {
 				_ = os.Remove(ecfg.BootstrapPath)
 			}
@@ -181,20 +184,39 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags, typeArg string
 		}
 		stop := skipDrainOnSecondSignal(sup)
 		defer stop()
-		lc := lifecycle{
-			readiness: envoy.NewReadiness(sup.Admin(), sup.Draining, nil),
-			drain:     sup.Drain,
-			quit:      func() { sup.Quit(); cancel(errQuit) },
-		}
-		parts = append(parts, sup)
-		parts = append(parts, proxyComponents(lc)...)
+		main = sup
 	}
+	parts.wireLifecycle(sup, func() {
+		if sup != nil {
+			sup.Quit()
+		}
+		cancel(errQuit)
+	})
 
+	// Envoy (or, without Envoy, the wait for a signal) runs on the root
+	// context. The other parts outlive it: during the drain Envoy still
+	// needs its xDS stream, its certificates and DNS, and kubelet still
+	// needs answers (503) from the status server. They stop once Envoy is
+	// gone, or when one of them fails.
 	grp, gctx := errgroup.WithContext(ctx)
-	for _, p := range parts {
-		grp.Go(func() error { return p.Run(gctx) })
+	partsCtx, stopParts := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopParts()
+	context.AfterFunc(gctx, parts.beginShutdown)
+	grp.Go(func() error {
+		defer stopParts()
+		return main.Run(gctx)
+	})
+	for _, p := range parts.components {
+		grp.Go(func() error {
+			err := p.Run(partsCtx)
+			if err != nil {
+				cancel(err)
+			}
+			return err
+		})
 	}
 	err = grp.Wait()
+	log.Info("agent stopped", zap.NamedError("cause", context.Cause(ctx)), zap.Duration("uptime", time.Since(start)))
 	var exit *envoy.ExitError
 	if errors.As(err, &exit) {
 		if exit.Code == 0 {
@@ -202,17 +224,7 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags, typeArg string
 		}
 		return withExitCode(exit.Code, err)
 	}
-	if err == nil {
-		log.Info("agent stopped", zap.NamedError("cause", context.Cause(ctx)))
-	}
 	return err
-}
-
-// proxyComponents is where the xDS proxy, SDS server, DNS proxy and status
-// server join proxy mode; lc is what the status server needs.
-func proxyComponents(lc lifecycle) []component {
-	_ = lc
-	return nil
 }
 
 // waitForShutdown stands in for Envoy with DISABLE_ENVOY: it blocks until
@@ -279,64 +291,15 @@ func envoyConfig(pc *config.ProxyConfig, node *config.Node, typ config.ProxyType
 	}
 	c.Admin = netip.AddrPortFrom(localhost, pc.ProxyAdminPort)
 
-	var err error
-	boolEnv := func(dst *bool, key string) {
-		if err == nil {
-			*dst, err = env.Bool(key, *dst)
-		}
-	}
-	durEnv := func(dst *time.Duration, key string) {
-		if v := strings.TrimSpace(env.Get(key)); v != "" && err == nil {
-			d, perr := config.ParseDuration(v)
-			if perr != nil || d < 0 {
-				err = fmt.Errorf("env %s: %q is not a duration (use e.g. 5s)", key, v)
-				return
-			}
-			*dst = d
-		}
-	}
-	boolEnv(&c.ExitOnZeroActiveConnections, "EXIT_ON_ZERO_ACTIVE_CONNECTIONS")
-	durEnv(&c.MinimumDrainDuration, "MINIMUM_DRAIN_DURATION")
-	boolEnv(&c.SkipDeprecatedLogs, "ENVOY_SKIP_DEPRECATED_LOGS")
-	boolEnv(&c.EnableCoreDump, "ISTIO_ENVOY_ENABLE_CORE_DUMP")
-	boolEnv(&c.RestartOnExit, "OUTRIGGER_ENVOY_RESTART")
-	durEnv(&c.StopGrace, "OUTRIGGER_ENVOY_STOP_GRACE")
-	return c, err
-}
-
-// writeBootstrap produces the file Envoy starts from: customConfigFile as
-// is (validated, never removed), else the generated bootstrap, validated and
-// written to <configPath>/envoy-rev.json (.yaml for a YAML template). An
-// invalid bootstrap is an error here, before any Envoy process exists.
-func writeBootstrap(pc *config.ProxyConfig, p bootstrap.Params) (path string, remove bool, err error) {
-	if pc.CustomConfigFile != "" {
-		data, err := os.ReadFile(pc.CustomConfigFile)
-		if err != nil {
-			return "", false, fmt.Errorf("customConfigFile: %w", err)
-		}
-		format := "json"
-		if ext := filepath.Ext(pc.CustomConfigFile); ext == ".yaml" || ext == ".yml" {
-			format = "yaml"
-		}
-		if err := bootstrap.Validate(data, format); err != nil {
-			return "", false, fmt.Errorf("customConfigFile %s is not a valid Envoy bootstrap: %w", pc.CustomConfigFile, err)
-		}
-		return pc.CustomConfigFile, false, nil
-	}
-	data, format, err := bootstrap.Generate(p)
-	if err != nil {
-		return "", false, err
-	}
-	if err := bootstrap.Validate(data, format); err != nil {
-		return "", false, fmt.Errorf("generated Envoy bootstrap is invalid (check the bootstrap template, ISTIO_BOOTSTRAP or --templateFile): %w", err)
-	}
-	if err := os.MkdirAll(pc.ConfigPath, 0o755); err != nil {
-		return "", false, fmt.Errorf("create configPath %s: %w", pc.ConfigPath, err)
-	}
-	name := strings.TrimSuffix(config.DefaultBootstrapName, ".json") + "." + format
-	path = filepath.Join(pc.ConfigPath, name)
-	if err := os.WriteFile(path, data, 0o644); err != nil {
-		return "", false, fmt.Errorf("write Envoy bootstrap: %w", err)
-	}
-	return path, true, nil
+	r := envReader{env: env}
+	c.ExitOnZeroActiveConnections = r.bool("EXIT_ON_ZERO_ACTIVE_CONNECTIONS", c.ExitOnZeroActiveConnections)
+	c.MinimumDrainDuration = r.duration("MINIMUM_DRAIN_DURATION", c.MinimumDrainDuration)
+	c.SkipDeprecatedLogs = r.bool("ENVOY_SKIP_DEPRECATED_LOGS", c.SkipDeprecatedLogs)
+	c.EnableCoreDump = r.bool("ISTIO_ENVOY_ENABLE_CORE_DUMP", c.EnableCoreDump)
+	c.RestartOnExit = r.bool("OUTRIGGER_ENVOY_RESTART", c.RestartOnExit)
+	c.StopGrace = r.duration("OUTRIGGER_ENVOY_STOP_GRACE", c.StopGrace)
+	// Envoy gets the agent's environment with proxyMetadata applied, as in
+	// Istio.
+	c.Env = env.List()
+	return c, r.err
 }
