@@ -3,20 +3,16 @@ package main
 import (
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/netip"
 	"sort"
 	"strconv"
 	"sync"
-	"syscall"
 	"time"
-	"unsafe"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
-	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -31,7 +27,9 @@ type simListener struct {
 	s        *sim
 	cfg      *listenerv3.Listener
 	name     string
-	addr     string
+	addr     string // bound address, or the configured one when not bound
+	ip       netip.Addr
+	port     uint16
 	prefix   string
 	inbound  bool
 	ln       net.Listener
@@ -72,7 +70,9 @@ func (m *listenerManager) list() []*simListener {
 }
 
 // add binds and serves l. A listener without a socket address (internal
-// listeners) is recorded but not bound.
+// listeners) or with bind_to_port false (Istio's per-service outbound
+// listeners) is recorded but not bound: connections reach it only when a
+// use_original_dst listener hands them over.
 func (m *listenerManager) add(cfg *listenerv3.Listener, dynamic bool) error {
 	l := &simListener{s: m.s, cfg: cfg, name: cfg.GetName(), conns: map[net.Conn]struct{}{},
 		inbound: cfg.GetTrafficDirection() == corev3.TrafficDirection_INBOUND}
@@ -82,6 +82,11 @@ func (m *listenerManager) add(cfg *listenerv3.Listener, dynamic bool) error {
 		if cfg.GetStatPrefix() != "" {
 			l.prefix = "listener." + cfg.GetStatPrefix()
 		}
+		if ap, err := netip.ParseAddr(sa.GetAddress()); err == nil {
+			l.ip, l.port = ap.Unmap(), uint16(sa.GetPortValue())
+		}
+	}
+	if l.addr != "" && (cfg.GetBindToPort() == nil || cfg.GetBindToPort().GetValue()) {
 		ln, err := net.Listen("tcp", l.addr)
 		if err != nil {
 			return fmt.Errorf("cannot bind '%s': %w", l.addr, err)
@@ -283,63 +288,3 @@ func (t *trackedConn) Close() error {
 	return err
 }
 
-func (l *simListener) handleTCP(c net.Conn) {
-	defer c.Close()
-	tcp, ok := c.(*trackedConn).Conn.(*net.TCPConn)
-	if ok {
-		if dst, err := originalDst(tcp); err == nil && dst.String() != c.LocalAddr().String() {
-			up, err := net.DialTimeout("tcp", dst.String(), 5*time.Second)
-			if err != nil {
-				return
-			}
-			defer up.Close()
-			go func() { _, _ = io.Copy(up, c); _ = up.(*net.TCPConn).CloseWrite() }()
-			_, _ = io.Copy(c, up)
-			return
-		}
-	}
-	_, _ = io.Copy(c, c)
-}
-
-// originalDst reads SO_ORIGINAL_DST: where the client meant to go before
-// iptables redirected it here.
-func originalDst(c *net.TCPConn) (netip.AddrPort, error) {
-	raw, err := c.SyscallConn()
-	if err != nil {
-		return netip.AddrPort{}, err
-	}
-	var out netip.AddrPort
-	var serr error
-	err = raw.Control(func(fd uintptr) {
-		if local, ok := c.LocalAddr().(*net.TCPAddr); ok && local.IP.To4() == nil {
-			var sa unix.RawSockaddrInet6
-			size := uint32(unsafe.Sizeof(sa))
-			_, _, e := syscall.Syscall6(syscall.SYS_GETSOCKOPT, fd, unix.SOL_IPV6, ip6tSoOriginalDst,
-				uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&size)), 0)
-			if e != 0 {
-				serr = e
-				return
-			}
-			port := uint16(sa.Port>>8 | sa.Port<<8)
-			out = netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), port)
-			return
-		}
-		var sa unix.RawSockaddrInet4
-		size := uint32(unsafe.Sizeof(sa))
-		_, _, e := syscall.Syscall6(syscall.SYS_GETSOCKOPT, fd, unix.SOL_IP, unix.SO_ORIGINAL_DST,
-			uintptr(unsafe.Pointer(&sa)), uintptr(unsafe.Pointer(&size)), 0)
-		if e != 0 {
-			serr = e
-			return
-		}
-		port := uint16(sa.Port>>8 | sa.Port<<8)
-		out = netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), port)
-	})
-	if err != nil {
-		return out, err
-	}
-	return out, serr
-}
-
-// ip6tSoOriginalDst is IP6T_SO_ORIGINAL_DST from linux/netfilter_ipv6/ip6_tables.h.
-const ip6tSoOriginalDst = 80

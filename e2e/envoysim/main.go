@@ -28,6 +28,7 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -35,7 +36,7 @@ import (
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 )
 
-func main() { os.Exit(run(os.Args[1:], os.Stderr)) }
+func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
 
 // options is the subset of Envoy's command line that changes behaviour;
 // every other flag the agent passes is accepted and checked for syntax.
@@ -159,13 +160,18 @@ type sim struct {
 	bs    *bootstrapv3.Bootstrap
 	stats *stats
 	log   *log.Logger
+	alog  *log.Logger // access log (stdout), one line per proxied connection
 	state atomic.Int32 // server.state
 	start time.Time
 
+	res       *resources
 	listeners *listenerManager
-	exit      chan int // a request to exit with this code
-	cdsDone   atomic.Bool
-	ldsDone   atomic.Bool
+	ads       *ads       // nil without dynamic resources
+	sds       *sdsClient // set before anything can reference a secret
+	init      *initManager
+	kick      chan struct{} // wakes the init loop
+	adsKick   chan struct{} // wakes the ADS stream
+	exit      chan int      // a request to exit with this code
 }
 
 func (s *sim) setState(st int32) {
@@ -197,27 +203,13 @@ func (s *sim) requestExit(code int) {
 	}
 }
 
-// initDone records that the first CDS or LDS round finished (accepted or
-// rejected, as Envoy's init manager counts it) and goes LIVE after both.
-func (s *sim) initDone(typ string) {
-	switch typ {
-	case "cds":
-		s.cdsDone.Store(true)
-	case "lds":
-		s.ldsDone.Store(true)
-	}
-	if s.cdsDone.Load() && s.ldsDone.Load() && s.state.Load() != stateLive && s.state.Load() != stateDraining {
-		s.goLive()
-	}
-}
-
 func (s *sim) goLive() {
 	s.stats.set("listener_manager.workers_started", 1)
 	s.setState(stateLive)
 	s.log.Printf("all dependencies initialized. starting workers")
 }
 
-func run(args []string, stderr io.Writer) int {
+func run(args []string, stdout, stderr io.Writer) int {
 	logger := log.New(stderr, "[envoysim] ", log.LstdFlags|log.Lmicroseconds)
 	opts, err := parseFlags(args, stderr)
 	if err != nil {
@@ -246,7 +238,9 @@ func run(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "configuration '%s' OK\n", opts.configPath)
 		return 0
 	}
-	s := &sim{opts: opts, hooks: h, bs: bs, stats: newStats(), log: logger, start: time.Now(), exit: make(chan int, 1)}
+	s := &sim{opts: opts, hooks: h, bs: bs, stats: newStats(), log: logger, alog: log.New(stdout, "[envoysim] ", 0),
+		start: time.Now(), res: newResources(), init: newInitManager(),
+		kick: make(chan struct{}, 1), adsKick: make(chan struct{}, 1), exit: make(chan int, 1)}
 	return s.serve()
 }
 
@@ -265,6 +259,8 @@ func (s *sim) serve() int {
 	s.setState(statePreInitializing)
 	s.stats.set("listener_manager.workers_started", 0)
 	s.listeners = newListenerManager(s)
+	s.sds = newSDSClient(ctx, s)
+	defer s.sds.close()
 
 	admin, err := s.startAdmin()
 	if err != nil {
@@ -285,11 +281,25 @@ func (s *sim) serve() int {
 		s.listeners.closeAll()
 		return 1
 	}
+	s.ads = ads
+	s.setState(stateInitializing)
+	s.syncSecrets() // static clusters and listeners may reference secrets
+	var wg sync.WaitGroup
+	defer func() {
+		cancel()
+		wg.Wait()
+	}()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		s.runInit(ctx)
+	}()
 	if ads != nil {
-		s.setState(stateInitializing)
-		go ads.run(ctx)
-	} else {
-		s.goLive()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ads.run(ctx)
+		}()
 	}
 	var crash <-chan time.Time
 	if s.hooks.crashAfter > 0 {

@@ -115,7 +115,7 @@ func TestCommandLineAndBootstrapErrors(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			var out syncBuffer
-			got := run(tt.args, &out)
+			got := run(tt.args, &out, &out)
 			if got != tt.want {
 				t.Errorf("exit = %d, want %d; output:\n%s", got, tt.want, out.String())
 			}
@@ -142,7 +142,7 @@ func startSim(t *testing.T, bootstrap string, args ...string) *simRun {
 	addrFile := filepath.Join(dir, "admin")
 	r := &simRun{out: &syncBuffer{}, done: make(chan int, 1)}
 	go func() {
-		r.done <- run(append([]string{"-c", bs, "--drain-time-s", "1", "--admin-address-path", addrFile}, args...), r.out)
+		r.done <- run(append([]string{"-c", bs, "--drain-time-s", "1", "--admin-address-path", addrFile}, args...), r.out, r.out)
 	}()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
