@@ -212,11 +212,11 @@ func (a *ads) run(ctx context.Context) {
 type response struct {
 	typeURL   string
 	nonce     string
-	version   string         // SotW
+	version   string       // SotW
 	resources []*anypb.Any // both
 	rversions []string     // Delta: version per resource, same order
-	rnames    []string       // Delta: name per resource, same order
-	removed   []string       // Delta
+	rnames    []string     // Delta: name per resource, same order
+	removed   []string     // Delta
 }
 
 // xdsStream hides the SotW/Delta difference in requests.

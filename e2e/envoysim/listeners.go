@@ -287,4 +287,3 @@ func (t *trackedConn) Close() error {
 	})
 	return err
 }
-

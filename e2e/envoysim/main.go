@@ -160,7 +160,7 @@ type sim struct {
 	bs    *bootstrapv3.Bootstrap
 	stats *stats
 	log   *log.Logger
-	alog  *log.Logger // access log (stdout), one line per proxied connection
+	alog  *log.Logger  // access log (stdout), one line per proxied connection
 	state atomic.Int32 // server.state
 	start time.Time
 
