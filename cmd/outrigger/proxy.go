@@ -17,6 +17,7 @@ import (
 	"github.com/outrigger-mesh/outrigger/agent/bootstrap"
 	"github.com/outrigger-mesh/outrigger/agent/config"
 	"github.com/outrigger-mesh/outrigger/agent/envoy"
+	"github.com/outrigger-mesh/outrigger/internal/memtrim"
 )
 
 // proxyFlags are Istio's `pilot-agent proxy` flags, accepted unchanged so
@@ -149,6 +150,13 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags, typeArg string
 	if err != nil {
 		return err
 	}
+	// Outrigger only: how long after start the agent hands the pages it
+	// touched only while starting back to the kernel (0 turns it off).
+	r := envReader{env: env}
+	memtrimDelay := r.duration("OUTRIGGER_MEMTRIM_DELAY", 5*time.Second)
+	if r.err != nil {
+		return r.err
+	}
 	// Every part is configured (and its configuration checked) before
 	// anything starts: a bad setting is an error with no Envoy spawned.
 	parts, err := newProxyParts(partsInput{
@@ -214,6 +222,19 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags, typeArg string
 			}
 			return err
 		})
+	}
+	if memtrimDelay > 0 {
+		// The first seconds (bootstrap, first xDS push, certificates) touch
+		// most of the binary once; the pod then runs for days on a small
+		// part of it.
+		t := time.AfterFunc(memtrimDelay, func() {
+			if n, err := memtrim.Trim(); err != nil {
+				log.Debug("memory trim failed", zap.Error(err))
+			} else {
+				log.Debug("returned start-up pages to the kernel", zap.Int64("bytes", n))
+			}
+		})
+		defer t.Stop()
 	}
 	err = grp.Wait()
 	log.Info("agent stopped", zap.NamedError("cause", context.Cause(ctx)), zap.Duration("uptime", time.Since(start)))
