@@ -394,7 +394,19 @@ func ParseConfig(in Inputs, log *zap.Logger) (*Config, error) {
 		log.Warn("--native-nftables is not supported; using iptables (rules are equivalent)")
 	}
 
-	if err := deriveIPv6(&cfg, in.InterfaceAddrs, log); err != nil {
+	addrs := in.InterfaceAddrs
+	if cfg.NetworkNamespace != "" {
+		// The pod's addresses decide on IPv6 rules: read them in the pod's
+		// namespace, not in the one the command runs in.
+		addrs = func() (out []net.Addr, err error) {
+			err = inNetns(cfg.NetworkNamespace, func() error {
+				out, err = in.InterfaceAddrs()
+				return err
+			})
+			return out, err
+		}
+	}
+	if err := deriveIPv6(&cfg, addrs, log); err != nil {
 		return nil, err
 	}
 	if cfg.RedirectDNS && !cfg.CaptureAllDNS {
