@@ -10,12 +10,14 @@ import (
 // during a control plane outage is served from it.
 //
 // SotW keeps the accepted response per type; Delta keeps the accepted
-// resources per type and name. Both hold slices of the frames as received,
-// never decoded copies.
+// resources per type and name. Both hold the frames as received (a
+// reference each: one per SotW type, one per Delta resource), never
+// decoded or flattened copies, so keeping the last-known-good costs no
+// memory beyond the response Envoy was sent.
 type lastGood struct {
 	mu    sync.Mutex
 	sotw  map[string]*frame
-	delta map[string]map[string]resourceRef
+	delta map[string]map[string]cachedResource
 	seq   uint64
 
 	// The name table's accepted version(s), for NDS requests after a
@@ -25,7 +27,7 @@ type lastGood struct {
 }
 
 func newLastGood() *lastGood {
-	return &lastGood{sotw: map[string]*frame{}, delta: map[string]map[string]resourceRef{}, ndsVersions: map[string]string{}}
+	return &lastGood{sotw: map[string]*frame{}, delta: map[string]map[string]cachedResource{}, ndsVersions: map[string]string{}}
 }
 
 // cacheNonce returns a nonce that cannot be mistaken for the control
@@ -33,29 +35,50 @@ func newLastGood() *lastGood {
 func (c *lastGood) cacheNonce() string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	return c.cacheNonceLocked()
+}
+
+func (c *lastGood) cacheNonceLocked() string {
 	c.seq++
 	return "outrigger-cache-" + strconv.FormatUint(c.seq, 10)
 }
 
+// acceptSotw keeps f, taking over the caller's reference.
 func (c *lastGood) acceptSotw(f *frame) {
 	c.mu.Lock()
+	old := c.sotw[f.typeURL]
 	c.sotw[f.typeURL] = f
 	c.mu.Unlock()
+	if old != nil {
+		old.release()
+	}
 }
 
+// acceptDelta keeps f's resources (holding f once for each); the caller
+// keeps its own reference.
 func (c *lastGood) acceptDelta(f *frame) {
+	var drop []*frame
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	m := c.delta[f.typeURL]
 	if m == nil {
-		m = map[string]resourceRef{}
+		m = map[string]cachedResource{}
 		c.delta[f.typeURL] = m
 	}
 	for _, r := range f.resources {
-		m[r.name] = r
+		if old, ok := m[r.name]; ok {
+			drop = append(drop, old.f)
+		}
+		m[r.name] = cachedResource{f: f.hold(), r: r}
 	}
 	for _, name := range f.removed {
-		delete(m, name)
+		if old, ok := m[name]; ok {
+			drop = append(drop, old.f)
+			delete(m, name)
+		}
+	}
+	c.mu.Unlock()
+	for _, old := range drop {
+		old.release()
 	}
 }
 
@@ -64,32 +87,37 @@ func (c *lastGood) acceptDelta(f *frame) {
 func (c *lastGood) sotwFrame(typeURL string) *frame {
 	c.mu.Lock()
 	f := c.sotw[typeURL]
-	c.mu.Unlock()
 	if f == nil {
+		c.mu.Unlock()
 		return nil
 	}
-	return f.withNonce(c.cacheNonce())
+	f.hold()
+	nonce := c.cacheNonceLocked()
+	c.mu.Unlock()
+	defer f.release()
+	return f.withNonce(nonce)
 }
 
 // deltaFrame returns the accepted resources of typeURL that the subscription
 // covers and that Envoy does not already have at that version, or nil.
 func (c *lastGood) deltaFrame(typeURL string, wildcard bool, subs map[string]struct{}, has map[string]string) *frame {
 	c.mu.Lock()
-	var out []resourceRef
+	defer c.mu.Unlock()
+	var out []cachedResource
 	for name, r := range c.delta[typeURL] {
 		if _, ok := subs[name]; !ok && !wildcard {
 			continue
 		}
-		if v, ok := has[name]; ok && v == r.version {
+		if v, ok := has[name]; ok && v == r.r.version {
 			continue
 		}
 		out = append(out, r)
 	}
-	c.mu.Unlock()
 	if len(out) == 0 {
 		return nil
 	}
-	return newDeltaFrame(typeURL, c.cacheNonce(), out, nil)
+	// Built under the lock: the frames out points into stay held.
+	return newDeltaFrame(typeURL, c.cacheNonceLocked(), out, nil)
 }
 
 func (c *lastGood) setNDSVersion(v string) {

@@ -3,6 +3,8 @@ package xdsproxy
 import (
 	"errors"
 	"fmt"
+	"sort"
+	"sync/atomic"
 
 	"google.golang.org/grpc/encoding"
 	_ "google.golang.org/grpc/encoding/proto" // registers the "proto" codec we delegate to
@@ -32,13 +34,26 @@ const (
 	anyValue = 2 // google.protobuf.Any.value
 )
 
-// frame is a discovery response kept as the bytes that came off the wire.
+// frame is a discovery response kept as the buffers it arrived in.
+//
 // The proxy reads only the envelope (type, version, nonce, and for Delta the
-// resource names and versions) and forwards the bytes unchanged, so a 7 MB
-// CDS push is never decoded into Go structs nor encoded again.
+// resource names and versions) and forwards the very buffers grpc received
+// it in: a 7 MB CDS push is neither decoded into Go structs, nor encoded
+// again, nor copied into one contiguous block. The last-known-good cache
+// keeps the same buffers.
+//
+// The buffers are shared, so a frame is reference counted: whoever keeps a
+// frame (a response slot, the in-flight list, the cache, a send in
+// progress) holds one reference, and the last release hands the buffers
+// back to grpc's pool. A frame is created with one reference, owned by its
+// creator.
 type frame struct {
 	delta bool
-	raw   []byte
+	data  mem.BufferSlice
+	size  int
+	// starts[i] is the offset of data[i] in the message, for random access.
+	starts []int
+	refs   atomic.Int32
 
 	typeURL, version, nonce string
 	// resources: for SotW the encoded Any messages (parsed only on demand);
@@ -51,55 +66,160 @@ type frame struct {
 	gen uint64
 }
 
-// resourceRef points into frame.raw.
+// resourceRef locates one resource in its frame.
 type resourceRef struct {
 	name, version string
-	raw           []byte // the encoded Resource (Delta) or Any (SotW)
+	off, n        int // the encoded Resource (Delta) or Any (SotW)
 }
 
-// parse reads the envelope of f.raw.
+// newFrame parses data, taking over one reference of it: on error the
+// reference is released.
+func newFrame(delta bool, data mem.BufferSlice) (*frame, error) {
+	f := &frame{delta: delta}
+	if err := f.setData(data); err != nil {
+		return nil, err
+	}
+	return f, nil
+}
+
+// flatFrame is a frame over one plain byte slice (responses the proxy
+// builds itself, and tests).
+func flatFrame(delta bool, b []byte) (*frame, error) {
+	return newFrame(delta, mem.BufferSlice{mem.SliceBuffer(b)})
+}
+
+func (f *frame) setData(data mem.BufferSlice) error {
+	f.data, f.size = data, data.Len()
+	f.starts = make([]int, len(data))
+	off := 0
+	for i, b := range data {
+		f.starts[i] = off
+		off += b.Len()
+	}
+	f.refs.Store(1)
+	if err := f.parse(); err != nil {
+		f.release()
+		return err
+	}
+	return nil
+}
+
+// hold adds a reference; it returns f for chaining.
+func (f *frame) hold() *frame {
+	if f.refs.Add(1) <= 1 {
+		panic("xdsproxy: hold of a released frame")
+	}
+	return f
+}
+
+// release drops a reference; the last one returns the buffers to grpc's
+// pool.
+func (f *frame) release() {
+	switch n := f.refs.Add(-1); {
+	case n == 0:
+		f.data.Free()
+		f.data = nil
+	case n < 0:
+		panic("xdsproxy: frame released more often than held")
+	}
+}
+
+// parse reads the envelope.
 func (f *frame) parse() error {
 	f.resources, f.removed = f.resources[:0], f.removed[:0]
-	return forEachField(f.raw, func(num protowire.Number, typ protowire.Type, v []byte) error {
-		if typ != protowire.BytesType {
-			return nil
+	r := newReader(f.data)
+	var scratch []byte
+	for r.remaining() > 0 {
+		num, typ, err := r.tag()
+		if err != nil {
+			return err
 		}
+		if typ != protowire.BytesType {
+			if err := r.skipValue(num, typ); err != nil {
+				return err
+			}
+			continue
+		}
+		n, err := r.length()
+		if err != nil {
+			return err
+		}
+		off := r.off
 		switch {
-		case num == sotwVersion: // same number for both kinds
-			f.version = string(v)
-		case num == sotwTypeURL:
-			f.typeURL = string(v)
-		case num == sotwNonce:
-			f.nonce = string(v)
+		case num == sotwVersion, num == sotwTypeURL, num == sotwNonce, num == deltaRemoved && f.delta:
+			var v []byte
+			if v, scratch, err = r.bytes(n, scratch); err != nil {
+				return err
+			}
+			switch num {
+			case sotwVersion: // same number for both kinds
+				f.version = string(v)
+			case sotwTypeURL:
+				f.typeURL = string(v)
+			case sotwNonce:
+				f.nonce = string(v)
+			default:
+				f.removed = append(f.removed, string(v))
+			}
 		case num == sotwResource && !f.delta:
-			f.resources = append(f.resources, resourceRef{raw: v})
+			f.resources = append(f.resources, resourceRef{off: off, n: n})
+			err = r.skip(n)
 		case num == deltaResource && f.delta:
-			r := resourceRef{raw: v}
-			err := forEachField(v, func(num protowire.Number, typ protowire.Type, v []byte) error {
+			var v []byte
+			if v, scratch, err = r.bytes(n, scratch); err != nil {
+				return err
+			}
+			res := resourceRef{off: off, n: n}
+			err = forEachField(v, func(num protowire.Number, typ protowire.Type, v []byte) error {
 				switch {
 				case typ != protowire.BytesType:
 				case num == resName:
-					r.name = string(v)
+					res.name = string(v)
 				case num == resVersion:
-					r.version = string(v)
+					res.version = string(v)
 				}
 				return nil
 			})
 			if err != nil {
 				return fmt.Errorf("resource: %w", err)
 			}
-			f.resources = append(f.resources, r)
-		case num == deltaRemoved && f.delta:
-			f.removed = append(f.removed, string(v))
+			f.resources = append(f.resources, res)
+		default:
+			err = r.skip(n)
 		}
-		return nil
-	})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// appendRange appends n bytes of the message from offset off to dst.
+func (f *frame) appendRange(dst []byte, off, n int) []byte {
+	i := sort.Search(len(f.starts), func(i int) bool { return f.starts[i] > off }) - 1
+	off -= f.starts[i]
+	for ; n > 0; i++ {
+		b := f.data[i].ReadOnlyData()[off:]
+		off = 0
+		if len(b) > n {
+			b = b[:n]
+		}
+		dst = append(dst, b...)
+		n -= len(b)
+	}
+	return dst
+}
+
+// resourceBytes returns a copy of the i-th encoded resource.
+func (f *frame) resourceBytes(i int) []byte {
+	r := f.resources[i]
+	return f.appendRange(make([]byte, 0, r.n), r.off, r.n)
 }
 
 // resourceValue returns the serialized resource inside the i-th resource
 // (Any.value for SotW, Resource.resource.value for Delta).
 func (f *frame) resourceValue(i int) ([]byte, error) {
-	b := f.resources[i].raw
+	b := f.resourceBytes(i)
 	if f.delta {
 		inner, err := field(b, resAny)
 		if err != nil {
@@ -110,33 +230,54 @@ func (f *frame) resourceValue(i int) ([]byte, error) {
 	return field(b, anyValue)
 }
 
-// withNonce returns a copy of a SotW frame whose nonce is replaced.
+// withNonce returns a flat copy of a SotW frame whose nonce is replaced.
 func (f *frame) withNonce(nonce string) *frame {
-	out := make([]byte, 0, len(f.raw)+len(nonce)+8)
-	_ = forEachFieldRaw(f.raw, func(num protowire.Number, rawField []byte) {
-		if num != sotwNonce {
-			out = append(out, rawField...)
+	out := make([]byte, 0, f.size+len(nonce)+8)
+	r := newReader(f.data)
+	for r.remaining() > 0 {
+		start := r.off
+		num, typ, err := r.tag()
+		if err == nil {
+			err = r.skipValue(num, typ)
 		}
-	})
+		if err != nil {
+			break // cannot happen: f parsed
+		}
+		if num != sotwNonce {
+			out = f.appendRange(out, start, r.off-start)
+		}
+	}
 	out = protowire.AppendTag(out, sotwNonce, protowire.BytesType)
 	out = protowire.AppendString(out, nonce)
-	nf := *f
-	nf.raw, nf.nonce, nf.gen = out, nonce, 0
-	_ = nf.parse()
-	return &nf
+	nf, err := flatFrame(false, out)
+	if err != nil {
+		panic("xdsproxy: re-nonced frame does not parse: " + err.Error())
+	}
+	return nf
 }
 
-// newDeltaFrame encodes a DeltaDiscoveryResponse from already-encoded
-// Resource messages.
-func newDeltaFrame(typeURL, nonce string, resources []resourceRef, removed []string) *frame {
+// cachedResource is a resource of the last-known-good cache: where it is,
+// and the frame that holds it.
+type cachedResource struct {
+	f *frame
+	r resourceRef
+}
+
+// newDeltaFrame encodes a DeltaDiscoveryResponse from resources kept in
+// other frames (which the caller keeps held meanwhile).
+func newDeltaFrame(typeURL, nonce string, resources []cachedResource, removed []string) *frame {
 	n := len(typeURL) + len(nonce) + 16
-	for _, r := range resources {
-		n += len(r.raw) + 8
+	for _, c := range resources {
+		n += c.r.n + 8
+	}
+	for _, r := range removed {
+		n += len(r) + 8
 	}
 	b := make([]byte, 0, n)
-	for _, r := range resources {
+	for _, c := range resources {
 		b = protowire.AppendTag(b, deltaResource, protowire.BytesType)
-		b = protowire.AppendBytes(b, r.raw)
+		b = protowire.AppendVarint(b, uint64(c.r.n))
+		b = c.f.appendRange(b, c.r.off, c.r.n)
 	}
 	b = protowire.AppendTag(b, deltaTypeURL, protowire.BytesType)
 	b = protowire.AppendString(b, typeURL)
@@ -146,8 +287,10 @@ func newDeltaFrame(typeURL, nonce string, resources []resourceRef, removed []str
 		b = protowire.AppendTag(b, deltaRemoved, protowire.BytesType)
 		b = protowire.AppendString(b, r)
 	}
-	f := &frame{delta: true, raw: b}
-	_ = f.parse()
+	f, err := flatFrame(true, b)
+	if err != nil {
+		panic("xdsproxy: cached delta frame does not parse: " + err.Error())
+	}
 	return f
 }
 
@@ -164,8 +307,8 @@ func field(b []byte, want protowire.Number) ([]byte, error) {
 
 var errMalformed = errors.New("malformed protobuf")
 
-// forEachField calls fn for every top-level field; v is the payload of
-// length-delimited fields and nil for the others.
+// forEachField calls fn for every top-level field of a flat message; v is
+// the payload of length-delimited fields and nil for the others.
 func forEachField(b []byte, fn func(num protowire.Number, typ protowire.Type, v []byte) error) error {
 	for len(b) > 0 {
 		num, typ, n := protowire.ConsumeTag(b)
@@ -190,25 +333,8 @@ func forEachField(b []byte, fn func(num protowire.Number, typ protowire.Type, v 
 	return nil
 }
 
-// forEachFieldRaw calls fn with each top-level field's complete encoding.
-func forEachFieldRaw(b []byte, fn func(num protowire.Number, rawField []byte)) error {
-	for len(b) > 0 {
-		num, typ, n := protowire.ConsumeTag(b)
-		if n < 0 {
-			return errMalformed
-		}
-		m := protowire.ConsumeFieldValue(num, typ, b[n:])
-		if m < 0 {
-			return errMalformed
-		}
-		fn(num, b[:n+m])
-		b = b[n+m:]
-	}
-	return nil
-}
-
-// rawCodec is grpc's proto codec, except that frames pass through as bytes.
-// It keeps the name "proto" so the wire content-type is unchanged.
+// rawCodec is grpc's proto codec, except that frames pass through as their
+// buffers. It keeps the name "proto" so the wire content-type is unchanged.
 type rawCodec struct{ proto encoding.CodecV2 }
 
 func newRawCodec() rawCodec { return rawCodec{proto: encoding.GetCodecV2("proto")} }
@@ -217,17 +343,20 @@ func (c rawCodec) Name() string { return "proto" }
 
 func (c rawCodec) Marshal(v any) (mem.BufferSlice, error) {
 	if f, ok := v.(*frame); ok {
-		return mem.BufferSlice{mem.SliceBuffer(f.raw)}, nil
+		// grpc frees what Marshal returns once it is written: give it a
+		// reference of its own. The sender holds the frame meanwhile.
+		f.data.Ref()
+		return f.data, nil
 	}
 	return c.proto.Marshal(v)
 }
 
 func (c rawCodec) Unmarshal(data mem.BufferSlice, v any) error {
 	if f, ok := v.(*frame); ok {
-		// One contiguous copy: the transport's buffers are returned to its
-		// pool after Unmarshal, and the proxy keeps the frame.
-		f.raw = data.Materialize()
-		return f.parse()
+		// grpc frees data after Unmarshal: keep a reference instead of
+		// copying it out.
+		data.Ref()
+		return f.setData(data)
 	}
 	return c.proto.Unmarshal(data, v)
 }

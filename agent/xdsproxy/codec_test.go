@@ -1,15 +1,50 @@
 package xdsproxy
 
 import (
+	"bytes"
+	"slices"
+	"strconv"
 	"testing"
 	"time"
 
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/testing/protocmp"
 	"google.golang.org/protobuf/types/known/anypb"
 )
+
+// envelope is what the parser reads of a frame, for comparisons.
+type envelope struct {
+	Delta                   bool
+	TypeURL, Version, Nonce string
+	Removed                 []string
+	// Resources: name, version and size of each.
+	Resources []string
+}
+
+func envelopeOf(f *frame) envelope {
+	e := envelope{Delta: f.delta, TypeURL: f.typeURL, Version: f.version, Nonce: f.nonce, Removed: f.removed}
+	for _, r := range f.resources {
+		e.Resources = append(e.Resources, r.name+"@"+r.version+"/"+strconv.Itoa(r.n))
+	}
+	return e
+}
+
+// chunked splits b into buffers of size bytes, as grpc hands over a message
+// in its 16 KiB receive buffers.
+func chunked(b []byte, size int) mem.BufferSlice {
+	var out mem.BufferSlice
+	for len(b) > 0 {
+		n := min(size, len(b))
+		out = append(out, mem.SliceBuffer(b[:n:n]))
+		b = b[n:]
+	}
+	return out
+}
 
 func TestFrameParse(t *testing.T) {
 	sotw := &discovery.DiscoveryResponse{VersionInfo: "v7", TypeUrl: cdsType, Nonce: "n7",
@@ -24,45 +59,44 @@ func TestFrameParse(t *testing.T) {
 		name  string
 		msg   proto.Message
 		delta bool
-		want  frame
+		want  envelope
 		value string // resourceValue(1)
 	}{
-		{"sotw", sotw, false, frame{typeURL: cdsType, version: "v7", nonce: "n7"}, "de"},
-		{"delta", delta, true, frame{delta: true, typeURL: cdsType, version: "s1", nonce: "d1", removed: []string{"gone"}}, "B"},
+		{"sotw", sotw, false, envelope{TypeURL: cdsType, Version: "v7", Nonce: "n7", Resources: []string{"@/58", "@/57"}}, "de"},
+		{"delta", delta, true, envelope{Delta: true, TypeURL: cdsType, Version: "s1", Nonce: "d1", Removed: []string{"gone"},
+			Resources: []string{"a@1/64", "b@2/64"}}, "B"},
 	}
 	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			b, err := proto.Marshal(tc.msg)
-			if err != nil {
-				t.Fatal(err)
-			}
-			f := &frame{delta: tc.delta, raw: b}
-			if err := f.parse(); err != nil {
-				t.Fatal(err)
-			}
-			got := frame{delta: f.delta, typeURL: f.typeURL, version: f.version, nonce: f.nonce, removed: f.removed}
-			if diff := cmp.Diff(tc.want, got, cmp.AllowUnexported(frame{}, resourceRef{})); diff != "" {
-				t.Errorf("envelope (-want +got):\n%s", diff)
-			}
-			if len(f.resources) != 2 {
-				t.Fatalf("%d resources, want 2", len(f.resources))
-			}
-			if tc.delta && (f.resources[0].name != "a" || f.resources[1].version != "2") {
-				t.Errorf("delta resources = %+v", f.resources)
-			}
-			v, err := f.resourceValue(1)
-			if err != nil || string(v) != tc.value {
-				t.Errorf("resourceValue(1) = %q, %v; want %q", v, err, tc.value)
-			}
-		})
+		b, err := proto.Marshal(tc.msg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Every split of the message into buffers reads the same.
+		for _, size := range []int{len(b), 1, 2, 3, 5, 16} {
+			t.Run(tc.name+"/buffers of "+strconv.Itoa(size), func(t *testing.T) {
+				f, err := newFrame(tc.delta, chunked(b, size))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if diff := cmp.Diff(tc.want, envelopeOf(f)); diff != "" {
+					t.Errorf("envelope (-want +got):\n%s", diff)
+				}
+				v, err := f.resourceValue(1)
+				if err != nil || string(v) != tc.value {
+					t.Errorf("resourceValue(1) = %q, %v; want %q", v, err, tc.value)
+				}
+			})
+		}
 	}
 
 	t.Run("withNonce keeps everything else", func(t *testing.T) {
 		b, _ := proto.Marshal(sotw)
-		f := &frame{raw: b}
-		_ = f.parse()
+		f, err := newFrame(false, chunked(b, 3))
+		if err != nil {
+			t.Fatal(err)
+		}
 		got := &discovery.DiscoveryResponse{}
-		if err := proto.Unmarshal(f.withNonce("outrigger-cache-1").raw, got); err != nil {
+		if err := proto.Unmarshal(f.withNonce("outrigger-cache-1").data.Materialize(), got); err != nil {
 			t.Fatal(err)
 		}
 		want := proto.Clone(sotw).(*discovery.DiscoveryResponse)
@@ -73,10 +107,13 @@ func TestFrameParse(t *testing.T) {
 	})
 	t.Run("newDeltaFrame", func(t *testing.T) {
 		b, _ := proto.Marshal(delta)
-		f := &frame{delta: true, raw: b}
-		_ = f.parse()
+		f, err := newFrame(true, chunked(b, 5))
+		if err != nil {
+			t.Fatal(err)
+		}
 		got := &discovery.DeltaDiscoveryResponse{}
-		if err := proto.Unmarshal(newDeltaFrame(cdsType, "c1", f.resources[:1], []string{"x"}).raw, got); err != nil {
+		nf := newDeltaFrame(cdsType, "c1", []cachedResource{{f: f, r: f.resources[0]}}, []string{"x"})
+		if err := proto.Unmarshal(nf.data.Materialize(), got); err != nil {
 			t.Fatal(err)
 		}
 		want := &discovery.DeltaDiscoveryResponse{TypeUrl: cdsType, Nonce: "c1", Resources: delta.Resources[:1], RemovedResources: []string{"x"}}
@@ -86,25 +123,120 @@ func TestFrameParse(t *testing.T) {
 	})
 }
 
-// FuzzFrameParse: whatever the control plane sends, parsing never panics
-// and a parsed SotW frame re-nonced still parses.
+// A received frame is forwarded as the buffers it arrived in, and they go
+// back to the pool when its last holder lets go, not before.
+func TestFrameBuffersAreShared(t *testing.T) {
+	b, _ := proto.Marshal(&discovery.DiscoveryResponse{TypeUrl: cdsType, Nonce: "n",
+		Resources: []*anypb.Any{{TypeUrl: cdsType, Value: bytes.Repeat([]byte("x"), 40000)}}})
+	pool := &countingPool{}
+	var data mem.BufferSlice
+	for c := range slices.Chunk(b, 16384) {
+		buf := pool.Get(len(c))
+		copy(*buf, c)
+		data = append(data, mem.NewBuffer(buf, pool))
+	}
+	codec := newRawCodec()
+	f := &frame{}
+	if err := codec.Unmarshal(data, f); err != nil {
+		t.Fatal(err)
+	}
+	data.Free() // grpc frees its own reference after Unmarshal
+	if pool.put != 0 {
+		t.Fatalf("%d buffers back in the pool while the frame holds them", pool.put)
+	}
+	out, err := codec.Marshal(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(out) != len(data) || &out[0].ReadOnlyData()[0] != &data[0].ReadOnlyData()[0] {
+		t.Error("Marshal did not hand over the received buffers")
+	}
+	out.Free() // grpc, after the write
+	f.hold()   // e.g. the cache
+	f.release()
+	if pool.put != 0 {
+		t.Fatalf("%d buffers back in the pool while the frame is held", pool.put)
+	}
+	f.release()
+	if pool.put != len(data) {
+		t.Errorf("%d of %d buffers back in the pool after the last release", pool.put, len(data))
+	}
+}
+
+type countingPool struct{ put int }
+
+func (p *countingPool) Get(n int) *[]byte { b := make([]byte, n); return &b }
+func (p *countingPool) Put(*[]byte)       { p.put++ }
+
+// parseFlat is the straightforward parser over one contiguous message, the
+// reference the buffer-walking parser must agree with.
+func parseFlat(delta bool, raw []byte) (envelope, error) {
+	var f frame
+	f.delta = delta
+	err := forEachField(raw, func(num protowire.Number, typ protowire.Type, v []byte) error {
+		if typ != protowire.BytesType {
+			return nil
+		}
+		switch {
+		case num == sotwVersion:
+			f.version = string(v)
+		case num == sotwTypeURL:
+			f.typeURL = string(v)
+		case num == sotwNonce:
+			f.nonce = string(v)
+		case num == sotwResource && !delta:
+			f.resources = append(f.resources, resourceRef{n: len(v)})
+		case num == deltaResource && delta:
+			r := resourceRef{n: len(v)}
+			err := forEachField(v, func(num protowire.Number, typ protowire.Type, v []byte) error {
+				switch {
+				case typ != protowire.BytesType:
+				case num == resName:
+					r.name = string(v)
+				case num == resVersion:
+					r.version = string(v)
+				}
+				return nil
+			})
+			if err != nil {
+				return err
+			}
+			f.resources = append(f.resources, r)
+		case num == deltaRemoved && delta:
+			f.removed = append(f.removed, string(v))
+		}
+		return nil
+	})
+	return envelopeOf(&f), err
+}
+
+// FuzzFrameParse: whatever the control plane sends, in whatever buffers,
+// the parser agrees with the flat reference parser and never panics, and a
+// parsed SotW frame re-nonced still parses.
 func FuzzFrameParse(f *testing.F) {
 	b, _ := proto.Marshal(&discovery.DiscoveryResponse{VersionInfo: "1", TypeUrl: cdsType, Nonce: "n",
 		Resources: []*anypb.Any{{TypeUrl: cdsType, Value: []byte("x")}}})
-	f.Add(b, false)
+	f.Add(b, false, uint8(3))
 	d, _ := proto.Marshal(&discovery.DeltaDiscoveryResponse{TypeUrl: cdsType, Nonce: "n",
 		Resources: []*discovery.Resource{{Name: "a", Resource: &anypb.Any{Value: []byte("y")}}}})
-	f.Add(d, true)
-	f.Fuzz(func(t *testing.T, raw []byte, delta bool) {
-		fr := &frame{delta: delta, raw: raw}
-		if err := fr.parse(); err != nil {
+	f.Add(d, true, uint8(1))
+	f.Fuzz(func(t *testing.T, raw []byte, delta bool, chunk uint8) {
+		want, wantErr := parseFlat(delta, raw)
+		fr, err := newFrame(delta, chunked(raw, int(chunk)+1))
+		if (err != nil) != (wantErr != nil) {
+			t.Fatalf("error %v, flat parser's %v", err, wantErr)
+		}
+		if err != nil {
 			return
+		}
+		if diff := cmp.Diff(want, envelopeOf(fr), cmpopts.EquateEmpty()); diff != "" {
+			t.Fatalf("(-flat +buffers):\n%s", diff)
 		}
 		for i := range fr.resources {
 			_, _ = fr.resourceValue(i)
 		}
 		if !delta {
-			if err := fr.withNonce("z").parse(); err != nil {
+			if _, err := flatFrame(false, fr.withNonce("z").data.Materialize()); err != nil {
 				t.Errorf("re-nonced frame does not parse: %v", err)
 			}
 		}

@@ -53,6 +53,10 @@ func (s *session) onDeltaRequest(req *discovery.DeltaDiscoveryRequest) {
 				s.p.cache.acceptDelta(answered)
 			}
 		}
+		if answered != nil {
+			// Only gen is read below, which outlives the buffers.
+			answered.release()
+		}
 	}
 	defer func() {
 		if t == listenerType {
@@ -60,7 +64,9 @@ func (s *session) onDeltaRequest(req *discovery.DeltaDiscoveryRequest) {
 		}
 	}()
 	if !s.connected {
-		s.serveCachedLocked()
+		if s.p.unreachable.Load() {
+			s.serveCachedLocked()
+		}
 		return
 	}
 	switch {

@@ -148,6 +148,39 @@ func TestEnvoyRestartDuringOutage(t *testing.T) {
 	}
 }
 
+// A new Envoy stream while the control plane is up gets the control
+// plane's response only: the last-known-good copy is for outages, and
+// sending it first would push Envoy (and the agent) everything twice.
+func TestFreshStreamNotServedFromCacheWhileConnected(t *testing.T) {
+	for _, m := range modes {
+		t.Run(m.name, func(t *testing.T) {
+			cp := startCP(t, controlplane.Config{}, smallMesh(3))
+			p := startProxy(t, Config{DiscoveryAddress: cp.Addr(), Plaintext: true})
+			c := dialEnvoy(t, p.socket, m.delta, "n1")
+			if err := c.Subscribe(cdsType, nil, "", nil); err != nil {
+				t.Fatal(err)
+			}
+			r := recvType(t, c, cdsType)
+			if err := c.ACK(r, nil); err != nil {
+				t.Fatal(err)
+			}
+			waitCP(t, cp, "the ACK", func(e controlplane.Event) bool { return e.Nonce == r.Nonce })
+
+			c2 := dialEnvoy(t, p.socket, m.delta, "n1")
+			if err := c2.Subscribe(cdsType, nil, "", nil); err != nil {
+				t.Fatal(err)
+			}
+			r2 := recvType(t, c2, cdsType)
+			if strings.HasPrefix(r2.Nonce, "outrigger-cache-") {
+				t.Errorf("fresh stream served from the cache (nonce %q) while the control plane is up", r2.Nonce)
+			}
+			if n := testutil.ToFloat64(p.metrics.envoyResponses.WithLabelValues("cds", "cache")); n != 0 {
+				t.Errorf("cached CDS responses = %v, want 0", n)
+			}
+		})
+	}
+}
+
 // A stream on which the control plane never answers is replaced by the
 // watchdog.
 func TestStalledStreamIsReplaced(t *testing.T) {

@@ -32,6 +32,10 @@ type Proxy struct {
 	tokenWarned atomic.Bool
 	lastConfig  atomic.Int64 // unix nanos of the last upstream response
 	connected   atomic.Int32 // upstream streams established now
+	// unreachable: the last upstream stream failed or ended and none has
+	// got a response since. New Envoy streams are served from the cache
+	// at once only then.
+	unreachable atomic.Bool
 
 	mu     sync.Mutex
 	active *session

@@ -142,6 +142,9 @@ func (s *session) run() error {
 	}()
 	<-s.ctx.Done()
 	wg.Wait()
+	s.mu.Lock()
+	s.releaseFramesLocked()
+	s.mu.Unlock()
 	err := context.Cause(s.ctx)
 	if errors.Is(err, io.EOF) {
 		return nil
@@ -210,16 +213,22 @@ func (s *session) writeEnvoy() {
 			delete(s.downPend, t)
 			st := s.state(t)
 			// Recorded before sending: Envoy may ACK before Send returns.
+			// The in-flight list takes over the slot's reference.
 			st.inflight = append(st.inflight, f)
 			if len(st.inflight) > maxInflight {
+				st.inflight[0].release()
+				st.inflight[0] = nil
 				st.inflight = st.inflight[1:]
 			}
 			st.envoyGot = true
 			s.cond.Broadcast() // a Delta slot is free again
+			f.hold()           // for the send: an ACK may release the in-flight reference
 			s.mu.Unlock()
 
 			start := time.Now()
-			if err := s.down.SendMsg(f); err != nil {
+			err := s.down.SendMsg(f)
+			f.release()
+			if err != nil {
 				s.cancel(err)
 				return
 			}
@@ -235,10 +244,11 @@ func (s *session) writeEnvoy() {
 	}
 }
 
-// queueDownLocked hands a response to writeEnvoy. SotW responses replace an
-// unsent one of the same type (state of the world: the newer one says it
-// all). A Delta response waits until the slot is free, which stops the
-// upstream reader: backpressure instead of an unbounded queue.
+// queueDownLocked hands a response to writeEnvoy, with the caller's
+// reference (released here if the response is not queued). SotW responses
+// replace an unsent one of the same type (state of the world: the newer one
+// says it all). A Delta response waits until the slot is free, which stops
+// the upstream reader: backpressure instead of an unbounded queue.
 func (s *session) queueDownLocked(ctx context.Context, f *frame) bool {
 	t := f.typeURL
 	if s.delta {
@@ -246,10 +256,12 @@ func (s *session) queueDownLocked(ctx context.Context, f *frame) bool {
 			s.cond.Wait()
 		}
 		if ctx.Err() != nil {
+			f.release()
 			return false
 		}
 	}
-	if _, ok := s.downPend[t]; ok {
+	if old, ok := s.downPend[t]; ok {
+		old.release()
 		s.p.metrics.coalesced.WithLabelValues(shortType(t)).Inc()
 	} else {
 		s.downQ = append(s.downQ, t)
@@ -336,6 +348,7 @@ func (s *session) upstreamLoop() {
 		if answered {
 			attempt = 0
 		}
+		s.p.unreachable.Store(true)
 		s.mu.Lock()
 		s.serveCachedLocked()
 		s.mu.Unlock()
@@ -515,6 +528,7 @@ func (s *session) readUpstream(ctx context.Context, stream grpc.ClientStream, ge
 		f.gen = gen
 		now := time.Now()
 		s.p.lastConfig.Store(now.UnixNano())
+		s.p.unreachable.Store(false)
 		s.p.metrics.lastConfig.Set(float64(now.UnixNano()) / 1e9)
 		s.p.metrics.responses.WithLabelValues(shortType(f.typeURL)).Inc()
 		s.mu.Lock()
@@ -522,14 +536,16 @@ func (s *session) readUpstream(ctx context.Context, stream grpc.ClientStream, ge
 		s.mu.Unlock()
 		if ce := s.log.Check(zap.DebugLevel, "response from upstream"); ce != nil {
 			ce.Write(zap.String("type", shortType(f.typeURL)), zap.String("version", f.version),
-				zap.String("nonce", f.nonce), zap.Int("resources", len(f.resources)), zap.Int("bytes", len(f.raw)))
+				zap.String("nonce", f.nonce), zap.Int("resources", len(f.resources)), zap.Int("bytes", f.size))
 		}
 
 		switch {
 		case f.typeURL == nds.TypeURL:
 			s.handleNDS(f)
+			f.release()
 		case !forwardable(f.typeURL):
 			s.log.Error("dropping a response of a type Envoy does not take", zap.String("type", f.typeURL))
+			f.release()
 		default:
 			s.mu.Lock()
 			ok := s.queueDownLocked(ctx, f)
@@ -601,7 +617,11 @@ func (s *session) replayLocked() {
 
 // serveCachedLocked serves the last-known-good configuration for every type
 // Envoy asked for and got nothing of on this stream: an Envoy restarted
-// while the control plane is down becomes ready anyway.
+// while the control plane is down becomes ready anyway. It is called when an
+// upstream stream ends or fails, and on Envoy's requests while the control
+// plane is known to be unreachable; not on a fresh stream while the control
+// plane is up, which would push Envoy everything twice (the cached copy,
+// then the control plane's).
 func (s *session) serveCachedLocked() {
 	if s.connected {
 		return
@@ -627,16 +647,37 @@ func (s *session) serveCachedLocked() {
 	}
 }
 
-// popInflightLocked finds the response Envoy answers by nonce and forgets it
-// and everything sent before it.
+// popInflight finds the response Envoy answers by nonce and forgets it and
+// everything sent before it. The caller gets the list's reference of the
+// answered frame.
 func (st *typeState) popInflight(nonce string) *frame {
 	for i, f := range st.inflight {
 		if f.nonce == nonce {
+			for _, older := range st.inflight[:i] {
+				older.release()
+			}
+			clear(st.inflight[:i+1])
 			st.inflight = st.inflight[i+1:]
 			return f
 		}
 	}
 	return nil
+}
+
+// releaseFramesLocked drops the session's references when it ends, so the
+// buffers of responses Envoy never answered go back to the pool.
+func (s *session) releaseFramesLocked() {
+	for t, f := range s.downPend {
+		f.release()
+		delete(s.downPend, t)
+	}
+	s.downQ = nil
+	for _, st := range s.types {
+		for _, f := range st.inflight {
+			f.release()
+		}
+		st.inflight = nil
+	}
 }
 
 func copyMap(m map[string]string) map[string]string {

@@ -18,8 +18,12 @@ func (s *session) onSotwRequest(req *discovery.DiscoveryRequest) {
 	var answered *frame
 	if n := req.GetResponseNonce(); n != "" {
 		answered = st.popInflight(n)
-		if answered != nil && req.GetErrorDetail() == nil && answered.gen != 0 {
-			s.p.cache.acceptSotw(answered)
+		if answered != nil {
+			if req.GetErrorDetail() == nil && answered.gen != 0 {
+				s.p.cache.acceptSotw(answered.hold())
+			}
+			// Only gen is read below, which outlives the buffers.
+			answered.release()
 		}
 	}
 	st.lastReq = req
@@ -30,7 +34,9 @@ func (s *session) onSotwRequest(req *discovery.DiscoveryRequest) {
 		}
 	}()
 	if !s.connected {
-		s.serveCachedLocked()
+		if s.p.unreachable.Load() {
+			s.serveCachedLocked()
+		}
 		return
 	}
 	switch {

@@ -19,40 +19,73 @@ import (
 
 // BenchmarkPush3000 pushes a 3000-service CDS (about 7 MB) to a fresh ADS
 // stream, directly from the control plane and through the agent's proxy
-// (run as its own process), and reports the proxy's peak resident memory
-// (VmHWM) as peak-rss-MB. Compare ns/op of the two sub-benchmarks for the
-// added latency.
+// (run as its own process, a fresh one per mode), and reports the proxy's
+// peak resident memory (VmHWM) as peak-rss-MB. Compare ns/op of the two
+// sub-benchmarks for the added latency. The stand-in Envoy ACKs each push,
+// so the proxy holds the last-known-good CDS while the next one arrives, as
+// it does in a pod.
+//
+// For profiling, XDS_BENCH_PROFILE_DIR=<dir> makes the proxy write
+// cpu-<mode>.pprof and heap-<mode>.pprof there, and XDS_BENCH_GODEBUG is
+// passed to the proxy as GODEBUG (e.g. gctrace=1).
 func BenchmarkPush3000(b *testing.B) {
 	cp := startCP(b, controlplane.GenerateMesh(3000))
 	bin := testenv.Build(b, "./e2e/xds/xdsproxycmd")
-	sock := filepath.Join(b.TempDir(), "XDS")
-	cmd := exec.Command(bin, "-socket", sock, "-upstream", cp.Addr())
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	defer func() {
-		_ = cmd.Process.Signal(os.Interrupt)
-		_ = cmd.Wait()
-	}()
-	waitFile(b, sock)
 
 	for _, delta := range []bool{false, true} {
 		mode := "sotw"
 		if delta {
 			mode = "delta"
 		}
+		sock, stop := startProxyProcess(b, bin, cp.Addr(), mode)
 		for _, via := range []struct{ name, target string }{{"direct", cp.Addr()}, {"proxy", "unix://" + sock}} {
 			b.Run(mode+"/"+via.name, func(b *testing.B) {
+				push(b, via.target, delta, -1) // warm-up, not timed
 				for i := 0; b.Loop(); i++ {
 					push(b, via.target, delta, i)
 				}
 				if via.name == "proxy" {
-					b.ReportMetric(peakRSSMB(b, cmd.Process.Pid), "peak-rss-MB")
+					b.ReportMetric(stop(), "peak-rss-MB")
 				}
 			})
 		}
+		stop()
 	}
+}
+
+// startProxyProcess runs xdsproxycmd towards upstream. stop ends it (once)
+// and returns its peak RSS in MB.
+func startProxyProcess(b *testing.B, bin, upstream, mode string) (sock string, stop func() float64) {
+	b.Helper()
+	sock = filepath.Join(b.TempDir(), "XDS")
+	args := []string{"-socket", sock, "-upstream", upstream}
+	if dir := os.Getenv("XDS_BENCH_PROFILE_DIR"); dir != "" {
+		args = append(args, "-cpuprofile", filepath.Join(dir, "cpu-"+mode+".pprof"),
+			"-memprofile", filepath.Join(dir, "heap-"+mode+".pprof"))
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stderr = os.Stderr
+	if g := os.Getenv("XDS_BENCH_GODEBUG"); g != "" {
+		cmd.Env = append(os.Environ(), "GODEBUG="+g)
+	}
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	var peak float64
+	done := false
+	stop = func() float64 {
+		if done {
+			return peak
+		}
+		done = true
+		peak = peakRSSMB(b, cmd.Process.Pid)
+		_ = cmd.Process.Signal(os.Interrupt)
+		_ = cmd.Wait()
+		return peak
+	}
+	b.Cleanup(func() { stop() })
+	waitFile(b, sock)
+	return sock, stop
 }
 
 func push(b *testing.B, target string, delta bool, i int) {
@@ -72,6 +105,9 @@ func push(b *testing.B, target string, delta bool, i int) {
 	}
 	if r.Count != 3001 {
 		b.Fatalf("%d clusters", r.Count)
+	}
+	if err := c.ACK(r, nil); err != nil {
+		b.Fatal(err)
 	}
 }
 
