@@ -281,6 +281,9 @@ func (p *parser) groups(s setting) []string {
 // pod's addresses, DNS servers from resolv.conf. Every bad value is
 // reported, each naming its flag or env var. It does not touch iptables.
 func ParseConfig(in Inputs, log *zap.Logger) (*Config, error) {
+	// Only the real address source is read inside --network-namespace;
+	// tests inject theirs.
+	hostAddrs := in.InterfaceAddrs == nil
 	in.fill()
 	if log == nil {
 		log = zap.NewNop()
@@ -395,7 +398,7 @@ func ParseConfig(in Inputs, log *zap.Logger) (*Config, error) {
 	}
 
 	addrs := in.InterfaceAddrs
-	if cfg.NetworkNamespace != "" {
+	if cfg.NetworkNamespace != "" && hostAddrs {
 		// The pod's addresses decide on IPv6 rules: read them in the pod's
 		// namespace, not in the one the command runs in.
 		addrs = func() (out []net.Addr, err error) {
