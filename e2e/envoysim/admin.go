@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -17,14 +16,25 @@ import (
 // startAdmin serves the admin API on the bootstrap's admin address. A
 // bootstrap without admin gets none, as in Envoy.
 func (s *sim) startAdmin() (*http.Server, error) {
-	sa := s.bs.GetAdmin().GetAddress().GetSocketAddress()
-	if sa == nil {
+	network, addr := "tcp", ""
+	switch a := s.bs.GetAdmin().GetAddress(); {
+	case a.GetSocketAddress() != nil:
+		sa := a.GetSocketAddress()
+		addr = net.JoinHostPort(sa.GetAddress(), strconv.Itoa(int(sa.GetPortValue())))
+	case a.GetPipe() != nil:
+		// A unix socket admin, as Envoy allows: tests reach an envoysim
+		// in another network namespace through the file system.
+		network, addr = "unix", a.GetPipe().GetPath()
+		_ = os.Remove(addr)
+	default:
 		return &http.Server{}, nil
 	}
-	addr := net.JoinHostPort(sa.GetAddress(), strconv.Itoa(int(sa.GetPortValue())))
-	ln, err := net.Listen("tcp", addr)
+	ln, err := net.Listen(network, addr)
 	if err != nil {
 		return nil, fmt.Errorf("cannot bind admin address %s: %w", addr, err)
+	}
+	if m := s.bs.GetAdmin().GetAddress().GetPipe().GetMode(); m != 0 {
+		_ = os.Chmod(addr, os.FileMode(m))
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/ready", s.handleReady)
@@ -33,6 +43,7 @@ func (s *sim) startAdmin() (*http.Server, error) {
 	mux.HandleFunc("/server_info", s.handleServerInfo)
 	mux.HandleFunc("/config_dump", s.handleConfigDump)
 	mux.HandleFunc("/listeners", s.handleListeners)
+	mux.HandleFunc("/certs", s.handleCerts)
 	mux.HandleFunc("/drain_listeners", s.post(s.handleDrain))
 	mux.HandleFunc("/quitquitquit", s.post(func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprint(w, "OK\n")
@@ -41,7 +52,7 @@ func (s *sim) startAdmin() (*http.Server, error) {
 	}))
 	mux.HandleFunc("/logging", s.post(func(w http.ResponseWriter, _ *http.Request) { fmt.Fprint(w, "active loggers:\n") }))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		http.Error(w, "invalid path. admin commands are: /ready /stats /stats/prometheus /server_info /config_dump /listeners /drain_listeners /quitquitquit", http.StatusNotFound)
+		http.Error(w, "invalid path. admin commands are: /ready /stats /stats/prometheus /server_info /config_dump /certs /listeners /drain_listeners /quitquitquit", http.StatusNotFound)
 	})
 	const prefix = "listener.admin"
 	srv := &http.Server{
@@ -164,24 +175,6 @@ func (s *sim) handleServerInfo(w http.ResponseWriter, _ *http.Request) {
 			"config_path":              s.opts.configPath,
 		},
 	})
-}
-
-// handleConfigDump returns the bootstrap and the names of the dynamic
-// resources: enough for a human or a test to see what arrived.
-func (s *sim) handleConfigDump(w http.ResponseWriter, _ *http.Request) {
-	bs, _ := protojson.Marshal(s.bs)
-	var buf bytes.Buffer
-	fmt.Fprintf(&buf, `{"configs":[{"@type":"type.googleapis.com/envoy.admin.v3.BootstrapConfigDump","bootstrap":%s},`, bs)
-	names, _ := json.Marshal(s.listeners.names())
-	fmt.Fprintf(&buf, `{"@type":"type.googleapis.com/envoy.admin.v3.ListenersConfigDump","listener_names":%s}]}`, names)
-	w.Header().Set("Content-Type", "application/json")
-	_, _ = w.Write(buf.Bytes())
-}
-
-func (s *sim) handleListeners(w http.ResponseWriter, _ *http.Request) {
-	for _, l := range s.listeners.list() {
-		fmt.Fprintf(w, "%s::%s\n", l.name, l.addr)
-	}
 }
 
 func (s *sim) handleDrain(w http.ResponseWriter, r *http.Request) {

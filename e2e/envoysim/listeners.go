@@ -18,11 +18,10 @@ import (
 
 const hcmType = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
-// simListener is one bound listener. HTTP listeners (an
-// http_connection_manager in the filter chain) answer /stats/prometheus
-// like Istio's 15090 listener; others forward to the original destination
-// when iptables redirected the connection, and echo otherwise, so a test
-// can hold a connection open and see that it still works.
+// simListener is one listener, bound or not. Static HTTP listeners (an
+// http_connection_manager in the bootstrap) answer /stats/prometheus like
+// Istio's 15090 listener; every other bound listener proxies (see
+// handleTCP in proxy.go).
 type simListener struct {
 	s        *sim
 	cfg      *listenerv3.Listener
@@ -32,6 +31,7 @@ type simListener struct {
 	port     uint16
 	prefix   string
 	inbound  bool
+	static   bool // from the bootstrap
 	ln       net.Listener
 	http     *http.Server
 	mu       sync.Mutex
@@ -74,7 +74,7 @@ func (m *listenerManager) list() []*simListener {
 // listeners) is recorded but not bound: connections reach it only when a
 // use_original_dst listener hands them over.
 func (m *listenerManager) add(cfg *listenerv3.Listener, dynamic bool) error {
-	l := &simListener{s: m.s, cfg: cfg, name: cfg.GetName(), conns: map[net.Conn]struct{}{},
+	l := &simListener{s: m.s, cfg: cfg, name: cfg.GetName(), conns: map[net.Conn]struct{}{}, static: !dynamic,
 		inbound: cfg.GetTrafficDirection() == corev3.TrafficDirection_INBOUND}
 	if sa := cfg.GetAddress().GetSocketAddress(); sa != nil {
 		l.addr = net.JoinHostPort(sa.GetAddress(), strconv.Itoa(int(sa.GetPortValue())))
@@ -228,7 +228,7 @@ func (l *simListener) isHTTP() bool {
 
 func (l *simListener) serve() {
 	l.s.log.Printf("listener %s on %s", l.name, l.ln.Addr())
-	if l.isHTTP() {
+	if l.static && l.isHTTP() {
 		mux := http.NewServeMux()
 		mux.HandleFunc("/stats/prometheus", l.s.handlePrometheus)
 		l.http = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}

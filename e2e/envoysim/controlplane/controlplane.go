@@ -34,7 +34,9 @@ type Request struct {
 	NodeID  string
 	Nonce   string
 	Version string
-	NACK    string // error_detail message, empty for an ACK or a request
+	NACK    string   // error_detail message, empty for an ACK or a request
+	Names   []string // SotW resource_names; Delta resource_names_subscribe
+	Unsub   []string // Delta resource_names_unsubscribe
 }
 
 // Server is a running control plane.
@@ -62,12 +64,12 @@ func Start(t testing.TB, socket string) *Server {
 	cb := server.CallbackFuncs{
 		StreamRequestFunc: func(_ int64, r *discoverygrpc.DiscoveryRequest) error {
 			s.record(Request{TypeURL: r.GetTypeUrl(), NodeID: r.GetNode().GetId(), Nonce: r.GetResponseNonce(),
-				Version: r.GetVersionInfo(), NACK: r.GetErrorDetail().GetMessage()})
+				Version: r.GetVersionInfo(), NACK: r.GetErrorDetail().GetMessage(), Names: r.GetResourceNames()})
 			return nil
 		},
 		StreamDeltaRequestFunc: func(_ int64, r *discoverygrpc.DeltaDiscoveryRequest) error {
 			s.record(Request{Delta: true, TypeURL: r.GetTypeUrl(), NodeID: r.GetNode().GetId(), Nonce: r.GetResponseNonce(),
-				NACK: r.GetErrorDetail().GetMessage()})
+				NACK: r.GetErrorDetail().GetMessage(), Names: r.GetResourceNamesSubscribe(), Unsub: r.GetResourceNamesUnsubscribe()})
 			return nil
 		},
 	}
@@ -109,10 +111,17 @@ func (s *Server) Set(t testing.TB, nodeID, version string, clusters []*clusterv3
 	for _, l := range listeners {
 		ls = append(ls, l)
 	}
-	snap, err := cache.NewSnapshot(version, map[resource.Type][]types.Resource{
+	s.SetResources(t, nodeID, version, map[resource.Type][]types.Resource{
 		resource.ClusterType:  cs,
 		resource.ListenerType: ls,
 	})
+}
+
+// SetResources publishes any resources (clusters, endpoints, listeners,
+// routes, ...) for nodeID as one snapshot version.
+func (s *Server) SetResources(t testing.TB, nodeID, version string, res map[resource.Type][]types.Resource) {
+	t.Helper()
+	snap, err := cache.NewSnapshot(version, res)
 	if err != nil {
 		t.Fatal(err)
 	}
