@@ -23,6 +23,9 @@ type Bootstrap struct {
 	SDSSocket string // the sds-grpc cluster's pipe; "" = none
 	Listeners []string
 	Clusters  []string
+	// AdminTCP puts the admin API on 127.0.0.1:0 instead of the
+	// AdminSocketName pipe (for envoysim run in the test's process).
+	AdminTCP bool
 }
 
 // JSON renders the bootstrap.
@@ -58,12 +61,16 @@ func (b Bootstrap) JSON() string {
 		clusters = append(clusters, pipeCluster("sds-grpc", b.SDSSocket))
 	}
 	nodeJSON, _ := json.Marshal(node)
+	admin := fmt.Sprintf(`{"pipe": {"path": %q}}`, AdminSocketName)
+	if b.AdminTCP {
+		admin = `{"socket_address": {"address": "127.0.0.1", "port_value": 0}}`
+	}
 	return fmt.Sprintf(`{
   "node": {"id": %s, "cluster": "app.demo"},
-  "admin": {"address": {"pipe": {"path": %q}}},
+  "admin": {"address": %s},
   %s
   "static_resources": {"clusters": [%s], "listeners": [%s]}
-}`, nodeJSON, AdminSocketName, dynamic, strings.Join(clusters, ",\n"), strings.Join(b.Listeners, ",\n"))
+}`, nodeJSON, admin, dynamic, strings.Join(clusters, ",\n"), strings.Join(b.Listeners, ",\n"))
 }
 
 // SDSConfig is the sds_config Istio puts in every TLS context: the
