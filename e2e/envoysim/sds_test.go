@@ -6,6 +6,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/pem"
 	"fmt"
 	"net"
@@ -162,7 +163,7 @@ func TestSDSFromAgent(t *testing.T) {
 	if n := len(c.GetCertChain()); n != 1 || c.GetCertChain()[0].GetSubjectAltNames()[0].GetUri() != spiffeID {
 		t.Errorf("cert_chain = %v, want one certificate for %s", c.GetCertChain(), spiffeID)
 	}
-	if got, want := c.GetCertChain()[0].GetSerialNumber(), fmt.Sprintf("%x", first.SerialNumber); got != want {
+	if got, want := c.GetCertChain()[0].GetSerialNumber(), hex.EncodeToString(first.SerialNumber.Bytes()); got != want {
 		t.Errorf("serial = %s, want %s", got, want)
 	}
 	if d := c.GetCertChain()[0].GetDaysUntilExpiration(); d != 0 {
@@ -185,7 +186,7 @@ func TestSDSFromAgent(t *testing.T) {
 
 	// Rotation on disk reaches envoysim.
 	second := issue(t, ca, certFile, keyFile)
-	want := fmt.Sprintf("%x", second.SerialNumber)
+	want := hex.EncodeToString(second.SerialNumber.Bytes())
 	r.eventually(t, "the new certificate in /certs", func() bool {
 		cs := r.certs(t).GetCertificates()
 		return len(cs) == 1 && len(cs[0].GetCertChain()) == 1 && cs[0].GetCertChain()[0].GetSerialNumber() == want
