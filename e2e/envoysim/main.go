@@ -1,9 +1,15 @@
 // Command envoysim is an Envoy stand-in for tests, since Envoy cannot be
 // installed where Outrigger's tests run. It takes Envoy's command line,
 // parses the bootstrap strictly with Envoy's own protos (failing where Envoy
-// would), serves the admin API the agent uses, opens ADS (SotW or Delta as
-// the bootstrap says) on the xds-grpc cluster, ACKs or NACKs what it gets,
-// listens on the listeners it receives, and drains and exits like Envoy.
+// would), serves the admin API the agent uses (/ready, /stats, /certs,
+// /config_dump, ...), opens ADS (SotW or Delta as the bootstrap says) on
+// the xds-grpc cluster for CDS, EDS, LDS and RDS in Envoy's order, fetches
+// the secrets its TLS contexts name over SDS (sds-grpc), ACKs or NACKs
+// what it gets, stays INITIALIZING until what the first clusters and
+// listeners need has arrived, proxies what iptables sends to its 15001 and
+// 15006 listeners to the original destination or the matching listener's
+// cluster (one access-log line per connection on stdout), and drains and
+// exits like Envoy. docs/proxy.md describes exactly what is modelled.
 //
 // Test hooks, by environment variable (none is Envoy's):
 //
@@ -11,7 +17,7 @@
 //	ENVOYSIM_EXIT_CODE=N        the code for ENVOYSIM_CRASH_AFTER
 //	ENVOYSIM_IGNORE_SIGTERM=1   ignore SIGTERM (to test the supervisor's SIGKILL)
 //	ENVOYSIM_SLOW_ACK=500ms     wait before each ACK/NACK
-//	ENVOYSIM_REJECT=cds,lds     NACK every update of these types
+//	ENVOYSIM_REJECT=cds,eds,... NACK every update of these types
 //	ENVOYSIM_RECORD=path        append "pid arg..." to path at start
 //
 // It is test infrastructure only: the product never imports it.
