@@ -251,6 +251,24 @@ func TestEDSAndRDS(t *testing.T) {
 				resource.EndpointType: {cla("outbound|9000||tcp", tcpAddr), cla("outbound|80||web", webAddr)},
 				resource.RouteType:    {&routev3.RouteConfiguration{Name: "80", VirtualHosts: []*routev3.VirtualHost{{Name: "bad"}}}}})
 			r.waitStat(t, "http.rds.update_rejected: ")
+
+			// A cluster removed by CDS leaves the EDS subscription: Delta
+			// unsubscribes it, SotW asks for the remaining names only.
+			cp.SetResources(t, node, "v5", map[resource.Type][]types.Resource{resource.ClusterType: clusters[:1], resource.ListenerType: listeners,
+				resource.EndpointType: {cla("outbound|9000||tcp", tcpAddr)},
+				resource.RouteType:    {routeConfig("80", "web.demo.svc.cluster.local", "outbound|80||web")}})
+			r.eventually(t, "the EDS subscription to shrink", func() bool {
+				for _, req := range cp.Requests() {
+					if req.TypeURL != edsType {
+						continue
+					}
+					if delta && slices.Equal(req.Unsub, []string{"outbound|80||web"}) ||
+						!delta && req.Nonce != "" && slices.Equal(req.Names, []string{"outbound|9000||tcp"}) {
+						return true
+					}
+				}
+				return false
+			})
 		})
 	}
 }
