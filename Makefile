@@ -45,8 +45,8 @@ bench: deps build
 	OUTRIGGER_BIN=$(BIN)/outrigger $(GO) test -run '^$$' -bench . -benchtime 20x -count 1 ./...
 
 demo: deps build
-	$(GO) build -o $(BIN)/demo ./e2e/demo
-	$(BIN)/demo -outrigger $(BIN)/outrigger
+	$(GO) build -o $(BIN)/ ./e2e/demo ./e2e/envoysim ./e2e/controlplane/cmd/controlplane ./e2e/testca/cmd/testca
+	$(BIN)/demo -bin $(BIN)
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
