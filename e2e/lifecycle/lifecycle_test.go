@@ -14,7 +14,7 @@ import (
 	"github.com/outrigger-mesh/outrigger/e2e/podlife"
 )
 
-func newPod(t *testing.T) *podlife.Pod {
+func newPod(t testing.TB) *podlife.Pod {
 	t.Helper()
 	testenv.RequireRoot(t)
 	testenv.RequireCommands(t, "ip", "iptables-restore", "getent", "setpriv", "pgrep")

@@ -82,6 +82,9 @@ func New(bin Binaries, log io.Writer) (*Pod, error) {
 	return &Pod{bin: bin, id: id, dir: dir, log: log, procs: map[string]*proc{}}, nil
 }
 
+// Dir is the agent's working directory ("/" in a real pod).
+func (p *Pod) Dir() string { return p.dir }
+
 // NS is the namespace name of "pod" or "peer".
 func (p *Pod) NS(role string) string { return "or-" + role + "-" + p.id }
 

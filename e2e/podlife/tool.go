@@ -8,7 +8,10 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
+	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/miekg/dns"
@@ -23,17 +26,19 @@ import (
 //	get URL / post URL  print the HTTP status code
 //	body URL     print the body of a GET
 //	dns ADDR     the cluster's DNS server: NXDOMAIN (with SOA) for every name
+//	probeload URL SECONDS CLIENTS  kubelet-style GETs (new connection each,
+//	             3s timeout) from CLIENTS loops; prints the latency summary
 func ToolMain(mode string, args []string) (int, bool) {
 	fn, ok := map[string]func([]string) error{
 		"serve": serve, "dial": dial, "call": call,
 		"get":  func(a []string) error { return httpStatus(http.MethodGet, a) },
 		"post": func(a []string) error { return httpStatus(http.MethodPost, a) },
-		"body": body, "dns": dnsServe,
+		"body": body, "dns": dnsServe, "probeload": probeLoad,
 	}[mode]
 	if !ok {
 		return 0, false
 	}
-	if len(args) != 1 {
+	if len(args) != 1 && !(mode == "probeload" && len(args) == 3) {
 		fmt.Fprintf(os.Stderr, "%s: want one argument\n", mode)
 		return 2, true
 	}
@@ -137,3 +142,51 @@ func body(args []string) error {
 	fmt.Print(strings.TrimRight(string(b), "\n") + "\n")
 	return err
 }
+
+func probeLoad(args []string) error {
+	seconds, err := strconv.Atoi(args[1])
+	if err != nil {
+		return err
+	}
+	clients, err := strconv.Atoi(args[2])
+	if err != nil {
+		return err
+	}
+	end := time.Now().Add(time.Duration(seconds) * time.Second)
+	var mu sync.Mutex
+	var lat []time.Duration
+	failures := 0
+	var wg sync.WaitGroup
+	for range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// kubelet opens a new connection per probe; the injection
+			// template's readiness timeout is 3s.
+			c := &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+			for time.Now().Before(end) {
+				start := time.Now()
+				resp, err := c.Get(args[0])
+				d := time.Since(start)
+				ok := err == nil && resp.StatusCode == http.StatusOK
+				if resp != nil {
+					resp.Body.Close()
+				}
+				mu.Lock()
+				lat = append(lat, d)
+				if !ok {
+					failures++
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	slices.Sort(lat)
+	q := func(f float64) time.Duration { return lat[int(f*float64(len(lat)-1))] }
+	fmt.Printf("probes=%d rps=%.0f p50_ms=%.2f p99_ms=%.2f max_ms=%.2f failures=%d\n", len(lat),
+		float64(len(lat))/float64(seconds), ms(q(0.5)), ms(q(0.99)), ms(lat[len(lat)-1]), failures)
+	return nil
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
