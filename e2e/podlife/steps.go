@@ -383,10 +383,19 @@ func (p *Pod) terminate(ctx context.Context) (string, error) {
 	var notReadyAfter time.Duration
 	if err := poll(ctx, terminationDrain, func() error {
 		code, err := p.InPeer(ctx, p.bin.Tool, "get", "http://"+PodIP+":15021/healthz/ready")
-		if err != nil {
+		switch {
+		case err != nil && strings.Contains(err.Error(), "connection refused"):
+			// Already drained (/drain): the agent stops at once, and a
+			// closed port fails kubelet's probe as surely as a 503. While
+			// the agent still runs, it must answer.
+			select {
+			case <-pr.done:
+			default:
+				return fmt.Errorf("readiness port closed while the agent is still draining: %w", err)
+			}
+		case err != nil:
 			return err
-		}
-		if code != "503\n" {
+		case code != "503\n":
 			return fmt.Errorf("readiness %q after SIGTERM, want 503", strings.TrimSpace(code))
 		}
 		notReadyAfter = time.Since(start)
