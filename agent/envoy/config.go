@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"os"
 	"time"
-
 )
 
 // ProxyType decides which listeners a drain touches.

@@ -62,7 +62,7 @@ func sample() *NameTable {
 			IPs: []string{"10.96.1.2", "fd00::1:2"}, Registry: "Kubernetes",
 			Shortname: "reviews", Namespace: "default",
 		},
-		"api.example.com": {IPs: []string{"240.240.0.1"}, Registry: "External", AltHosts: []string{"api.example.com.default.svc.cluster.local"}},
+		"api.example.com":    {IPs: []string{"240.240.0.1"}, Registry: "External", AltHosts: []string{"api.example.com.default.svc.cluster.local"}},
 		"*.wild.example.com": {IPs: []string{"240.240.0.2"}},
 	}}
 }
