@@ -47,7 +47,7 @@ func (w *workload) run(ctx context.Context) error {
 			wait = backoff(failures, w.cfg.InitialBackoff, w.cfg.MaxBackoff, w.rnd)
 			failures++
 			if cur != nil {
-				left := cur.notAfter.Sub(time.Now())
+				left := time.Until(cur.notAfter)
 				if left <= 0 && !withdrawn {
 					// Never hand out an expired certificate. Envoys that
 					// hold it keep it (SotW SDS cannot take it back); new

@@ -50,14 +50,6 @@ func newListenerManager(s *sim) *listenerManager {
 	return &listenerManager{s: s, active: map[string]*simListener{}}
 }
 
-func (m *listenerManager) names() []string {
-	var out []string
-	for _, l := range m.list() {
-		out = append(out, l.name)
-	}
-	return out
-}
-
 func (m *listenerManager) list() []*simListener {
 	m.mu.Lock()
 	defer m.mu.Unlock()

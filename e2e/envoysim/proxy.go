@@ -32,20 +32,6 @@ const (
 	maxHead          = 16 << 10 // largest HTTP request head peekHTTP reads
 )
 
-// hasOriginalDst reports whether the listener restores the destination
-// iptables rewrote: use_original_dst or the original_dst listener filter.
-func hasOriginalDst(cfg *listenerv3.Listener) bool {
-	if cfg.GetUseOriginalDst().GetValue() {
-		return true
-	}
-	for _, f := range cfg.GetListenerFilters() {
-		if f.GetName() == originalDstName || f.GetTypedConfig().GetTypeUrl() == originalDstType {
-			return true
-		}
-	}
-	return false
-}
-
 // direction names the traffic direction for the access log: the
 // listener's traffic_direction, else outbound for a use_original_dst
 // listener (Istio's 15001) and inbound otherwise.

@@ -64,15 +64,6 @@ func (s *stats) set(name string, v uint64) {
 	s.get(name, gauge).value = v
 }
 
-func (s *stats) value(name string) uint64 {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if st, ok := s.m[name]; ok {
-		return st.value
-	}
-	return 0
-}
-
 // snapshot returns the stats matching filter (nil = all), sorted by name.
 func (s *stats) snapshot(filter *regexp.Regexp) []struct {
 	name string
