@@ -158,8 +158,9 @@ func (p *Proxy) Drain(ctx context.Context) error {
 // /quitquitquit). Run then returns nil; the caller also cancels the root
 // context so the rest of the agent stops.
 func (p *Proxy) Quit() {
-	p.quitOnce.Do(func() { close(p.quit) })
+	// Skip first: Run's shutdown checks skip as soon as it sees quit.
 	p.SkipDrain()
+	p.quitOnce.Do(func() { close(p.quit) })
 }
 
 // SkipDrain cuts a drain wait short (a second SIGTERM/SIGINT): Envoy is
