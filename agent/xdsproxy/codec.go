@@ -3,6 +3,7 @@ package xdsproxy
 import (
 	"errors"
 	"fmt"
+	"io"
 	"sort"
 	"sync/atomic"
 
@@ -126,7 +127,10 @@ func (f *frame) release() {
 
 // parse reads the envelope.
 func (f *frame) parse() error {
-	f.resources, f.removed = f.resources[:0], f.removed[:0]
+	f.resources, f.removed = nil, nil
+	if n := countResources(f.data); n > 0 {
+		f.resources = make([]resourceRef, 0, n)
+	}
 	r := newReader(f.data)
 	var scratch []byte
 	for r.remaining() > 0 {
@@ -194,6 +198,27 @@ func (f *frame) parse() error {
 	return nil
 }
 
+// countResources counts the resources field (the same number in both
+// kinds), so parse allocates its index once: thousands of entries for a
+// large push. Errors are left to parse.
+func countResources(data mem.BufferSlice) int {
+	r := newReader(data)
+	n := 0
+	for r.remaining() > 0 {
+		num, typ, err := r.tag()
+		if err == nil {
+			err = r.skipValue(num, typ)
+		}
+		if err != nil {
+			return n
+		}
+		if num == sotwResource && typ == protowire.BytesType {
+			n++
+		}
+	}
+	return n
+}
+
 // appendRange appends n bytes of the message from offset off to dst.
 func (f *frame) appendRange(dst []byte, off, n int) []byte {
 	i := sort.Search(len(f.starts), func(i int) bool { return f.starts[i] > off }) - 1
@@ -208,6 +233,24 @@ func (f *frame) appendRange(dst []byte, off, n int) []byte {
 		n -= len(b)
 	}
 	return dst
+}
+
+// writeRange writes n bytes of the message from offset off to w.
+func (f *frame) writeRange(w io.Writer, off, n int) error {
+	i := sort.Search(len(f.starts), func(i int) bool { return f.starts[i] > off }) - 1
+	off -= f.starts[i]
+	for ; n > 0; i++ {
+		b := f.data[i].ReadOnlyData()[off:]
+		off = 0
+		if len(b) > n {
+			b = b[:n]
+		}
+		if _, err := w.Write(b); err != nil {
+			return err
+		}
+		n -= len(b)
+	}
+	return nil
 }
 
 // resourceBytes returns a copy of the i-th encoded resource.
@@ -256,16 +299,9 @@ func (f *frame) withNonce(nonce string) *frame {
 	return nf
 }
 
-// cachedResource is a resource of the last-known-good cache: where it is,
-// and the frame that holds it.
-type cachedResource struct {
-	f *frame
-	r resourceRef
-}
-
-// newDeltaFrame encodes a DeltaDiscoveryResponse from resources kept in
-// other frames (which the caller keeps held meanwhile).
-func newDeltaFrame(typeURL, nonce string, resources []cachedResource, removed []string) *frame {
+// newDeltaFrame encodes a DeltaDiscoveryResponse from cached resources
+// (whose frames the caller keeps held meanwhile).
+func newDeltaFrame(typeURL, nonce string, resources []cachedResource, removed []string) (*frame, error) {
 	n := len(typeURL) + len(nonce) + 16
 	for _, c := range resources {
 		n += c.r.n + 8
@@ -274,10 +310,14 @@ func newDeltaFrame(typeURL, nonce string, resources []cachedResource, removed []
 		n += len(r) + 8
 	}
 	b := make([]byte, 0, n)
+	expanded := map[*blob][]byte{}
 	for _, c := range resources {
 		b = protowire.AppendTag(b, deltaResource, protowire.BytesType)
 		b = protowire.AppendVarint(b, uint64(c.r.n))
-		b = c.f.appendRange(b, c.r.off, c.r.n)
+		var err error
+		if b, err = c.appendTo(b, expanded); err != nil {
+			return nil, err
+		}
 	}
 	b = protowire.AppendTag(b, deltaTypeURL, protowire.BytesType)
 	b = protowire.AppendString(b, typeURL)
@@ -289,9 +329,9 @@ func newDeltaFrame(typeURL, nonce string, resources []cachedResource, removed []
 	}
 	f, err := flatFrame(true, b)
 	if err != nil {
-		panic("xdsproxy: cached delta frame does not parse: " + err.Error())
+		return nil, fmt.Errorf("cached configuration: %w", err)
 	}
-	return f
+	return f, nil
 }
 
 func field(b []byte, want protowire.Number) ([]byte, error) {

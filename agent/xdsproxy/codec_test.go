@@ -112,7 +112,10 @@ func TestFrameParse(t *testing.T) {
 			t.Fatal(err)
 		}
 		got := &discovery.DeltaDiscoveryResponse{}
-		nf := newDeltaFrame(cdsType, "c1", []cachedResource{{f: f, r: f.resources[0]}}, []string{"x"})
+		nf, err := newDeltaFrame(cdsType, "c1", []cachedResource{{f: f, r: f.resources[0]}}, []string{"x"})
+		if err != nil {
+			t.Fatal(err)
+		}
 		if err := proto.Unmarshal(nf.data.Materialize(), got); err != nil {
 			t.Fatal(err)
 		}

@@ -632,10 +632,15 @@ func (s *session) serveCachedLocked() {
 			continue
 		}
 		var f *frame
+		var err error
 		if s.delta {
-			f = s.p.cache.deltaFrame(t, st.wildcard, st.subs, st.has)
+			f, err = s.p.cache.deltaFrame(t, st.wildcard, st.subs, st.has)
 		} else {
-			f = s.p.cache.sotwFrame(t)
+			f, err = s.p.cache.sotwFrame(t)
+		}
+		if err != nil {
+			s.log.Error("cannot serve the last accepted configuration", zap.String("type", shortType(t)), zap.Error(err))
+			continue
 		}
 		if f == nil {
 			continue

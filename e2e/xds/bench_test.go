@@ -68,6 +68,9 @@ func startProxyProcess(b *testing.B, bin, upstream, mode string) (sock string, s
 	if g := os.Getenv("XDS_BENCH_GODEBUG"); g != "" {
 		cmd.Env = append(os.Environ(), "GODEBUG="+g)
 	}
+	if e := os.Getenv("XDS_BENCH_PROXY_ENV"); e != "" {
+		cmd.Env = append(os.Environ(), strings.Fields(e)...)
+	}
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
 	}
