@@ -25,9 +25,12 @@ import (
 // so the proxy holds the last-known-good CDS while the next one arrives, as
 // it does in a pod.
 //
-// For profiling, XDS_BENCH_PROFILE_DIR=<dir> makes the proxy write
-// cpu-<mode>.pprof and heap-<mode>.pprof there, and XDS_BENCH_GODEBUG is
-// passed to the proxy as GODEBUG (e.g. gctrace=1).
+// The proxy process applies the agent's GC settings and hands its start-up
+// pages back, as proxy mode does; XDS_BENCH_PROXY_ARGS="-gc-defaults=false
+// -memtrim=false" measures without. XDS_BENCH_PROXY_ENV adds environment
+// variables (e.g. "GOGC=100 GODEBUG=gctrace=1"). For profiling,
+// XDS_BENCH_PROFILE_DIR=<dir> makes the proxy write cpu-<mode>.pprof and
+// heap-<mode>.pprof there.
 func BenchmarkPush3000(b *testing.B) {
 	cp := startCP(b, controlplane.GenerateMesh(3000))
 	bin := testenv.Build(b, "./e2e/xds/xdsproxycmd")
@@ -63,11 +66,9 @@ func startProxyProcess(b *testing.B, bin, upstream, mode string) (sock string, s
 		args = append(args, "-cpuprofile", filepath.Join(dir, "cpu-"+mode+".pprof"),
 			"-memprofile", filepath.Join(dir, "heap-"+mode+".pprof"))
 	}
+	args = append(args, strings.Fields(os.Getenv("XDS_BENCH_PROXY_ARGS"))...)
 	cmd := exec.Command(bin, args...)
 	cmd.Stderr = os.Stderr
-	if g := os.Getenv("XDS_BENCH_GODEBUG"); g != "" {
-		cmd.Env = append(os.Environ(), "GODEBUG="+g)
-	}
 	if e := os.Getenv("XDS_BENCH_PROXY_ENV"); e != "" {
 		cmd.Env = append(os.Environ(), strings.Fields(e)...)
 	}

@@ -12,10 +12,13 @@ import (
 	"runtime"
 	"runtime/pprof"
 	"syscall"
+	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/outrigger-mesh/outrigger/agent/xdsproxy"
+	"github.com/outrigger-mesh/outrigger/internal/memlimit"
+	"github.com/outrigger-mesh/outrigger/internal/memtrim"
 )
 
 func main() {
@@ -30,7 +33,14 @@ func run() error {
 	upstream := flag.String("upstream", "", "control plane host:port (plaintext)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	memProfile := flag.String("memprofile", "", "write a heap profile (with allocations) to this file at exit")
+	gcDefaults := flag.Bool("gc-defaults", true, "apply the agent's GC settings (memlimit.Apply), as proxy mode does")
+	trim := flag.Bool("memtrim", true, "hand start-up pages back to the kernel (memtrim.Trim) once serving, as proxy mode does")
 	flag.Parse()
+	if *gcDefaults {
+		if _, err := memlimit.Apply(memlimit.Config{Getenv: os.Getenv, FS: os.DirFS("/")}); err != nil {
+			return err
+		}
+	}
 	p, err := xdsproxy.New(xdsproxy.Config{SocketPath: *socket, DiscoveryAddress: *upstream, Plaintext: true}, zap.NewNop())
 	if err != nil {
 		return err
@@ -48,6 +58,18 @@ func run() error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if *trim {
+		go func() {
+			// Once the socket is up, start-up is over.
+			for ctx.Err() == nil {
+				if _, err := os.Stat(*socket); err == nil {
+					_, _ = memtrim.Trim()
+					return
+				}
+				time.Sleep(time.Millisecond)
+			}
+		}()
+	}
 	if err := p.Run(ctx); err != nil {
 		return err
 	}
