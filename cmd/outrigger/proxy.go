@@ -17,6 +17,7 @@ import (
 	"github.com/outrigger-mesh/outrigger/agent/bootstrap"
 	"github.com/outrigger-mesh/outrigger/agent/config"
 	"github.com/outrigger-mesh/outrigger/agent/envoy"
+	"github.com/outrigger-mesh/outrigger/internal/memlimit"
 	"github.com/outrigger-mesh/outrigger/internal/memtrim"
 )
 
@@ -88,6 +89,16 @@ var errQuit = errors.New("quit requested (/quitquitquit)")
 // carrying Envoy's exit code when Envoy fails.
 func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags, typeArg string, log *zap.Logger) error {
 	start := time.Now()
+	// GC settings for a long-lived process sharing its container with
+	// Envoy: GOGC 50 unless set, and a soft memory limit at half of the
+	// container's cgroup limit unless GOMEMLIMIT is set (Envoy needs the
+	// rest; Istio uses 90%, as if the agent were alone).
+	if res, err := memlimit.Apply(memlimit.Config{Getenv: os.Getenv, FS: os.DirFS("/"), CgroupFraction: 0.5}); err != nil {
+		log.Warn("cannot read the container's memory limit; no soft memory limit set", zap.Error(err))
+	} else {
+		log.Debug("memory settings", zap.Int("gogc", res.GCPercent), zap.Int64("memory_limit", res.MemoryLimit),
+			zap.Int64("cgroup_limit", res.CgroupLimit))
+	}
 	typ, err := config.ParseProxyType(typeArg)
 	if err != nil {
 		return err
