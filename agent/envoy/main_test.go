@@ -57,7 +57,9 @@ func fakeEnvoy() int {
 	if os.Getenv("FAKE_KILL_SELF") != "" {
 		_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
 	}
-	var exitAfter <-chan time.Time
+	// Without a deadline the fake waits "forever": an hour, as a timer, so
+	// the runtime never mistakes a fake that ignores SIGTERM for a deadlock.
+	exitAfter := time.After(time.Hour)
 	if d, err := time.ParseDuration(os.Getenv("FAKE_EXIT_AFTER")); err == nil {
 		exitAfter = time.After(d)
 	}
