@@ -12,8 +12,9 @@ type FlagSpec struct {
 	Name string
 	// Shorthand is the one-letter flag, if any.
 	Shorthand string
-	// Env are the env vars read when the flag is not on the command line,
-	// highest precedence first (REDIRECT_DNS before ISTIO_META_DNS_CAPTURE).
+	// Env are the env vars read when the flag is not on the command line:
+	// the flag's own first, then aliases, which win when both are set
+	// (ISTIO_META_DNS_CAPTURE over REDIRECT_DNS), as Istio applies them.
 	Env []string
 	// Default is the value used when neither the flag nor an env var is set,
 	// as text (what help and docs show).

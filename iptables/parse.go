@@ -86,10 +86,13 @@ func (p *parser) get(name string) setting {
 	return p.env(spec.Env...)
 }
 
-// env reads the first non-empty env var of names. An env var set to "" is
+// env reads the last non-empty env var of names: Istio sets the flag from
+// its own env var and then again from each alias (pkg/flag AdditionalEnv),
+// so ISTIO_META_DNS_CAPTURE overrides REDIRECT_DNS. An env var set to "" is
 // treated as unset, so the default applies.
 func (p *parser) env(names ...string) setting {
-	for _, e := range names {
+	for i := len(names) - 1; i >= 0; i-- {
+		e := names[i]
 		if v, ok := p.in.LookupEnv(e); ok && v != "" {
 			return setting{value: v, source: "env " + e, set: true}
 		}

@@ -57,8 +57,20 @@ func TestParsePrecedence(t *testing.T) {
 			func(c *Config) bool { return c.ProxyPort == 15001 }},
 		{"ISTIO_META_DNS_CAPTURE turns on redirect-dns", nil, map[string]string{"ISTIO_META_DNS_CAPTURE": "true", "CAPTURE_ALL_DNS": "true"},
 			func(c *Config) bool { return c.RedirectDNS }},
-		{"REDIRECT_DNS beats ISTIO_META_DNS_CAPTURE", nil, map[string]string{"REDIRECT_DNS": "false", "ISTIO_META_DNS_CAPTURE": "true"},
+		// Istio sets the flag from REDIRECT_DNS, then again from
+		// ISTIO_META_DNS_CAPTURE (pkg/flag AdditionalEnv): the alias wins,
+		// which keeps the capture in step with proxy mode's DNS proxy
+		// (started by ISTIO_META_DNS_CAPTURE).
+		{"ISTIO_META_DNS_CAPTURE=true beats REDIRECT_DNS=false", nil, map[string]string{"REDIRECT_DNS": "false", "ISTIO_META_DNS_CAPTURE": "true", "CAPTURE_ALL_DNS": "true"},
+			func(c *Config) bool { return c.RedirectDNS }},
+		{"ISTIO_META_DNS_CAPTURE=false beats REDIRECT_DNS=true", nil, map[string]string{"REDIRECT_DNS": "true", "ISTIO_META_DNS_CAPTURE": "false", "CAPTURE_ALL_DNS": "true"},
 			func(c *Config) bool { return !c.RedirectDNS }},
+		{"REDIRECT_DNS alone", nil, map[string]string{"REDIRECT_DNS": "true", "CAPTURE_ALL_DNS": "true"},
+			func(c *Config) bool { return c.RedirectDNS }},
+		{"INVALID_DROP beats DROP_INVALID", nil, map[string]string{"DROP_INVALID": "true", "INVALID_DROP": "false"},
+			func(c *Config) bool { return !c.DropInvalid }},
+		{"ISTIO_DUAL_STACK beats DUAL_STACK", nil, map[string]string{"DUAL_STACK": "false", "ISTIO_DUAL_STACK": "true"},
+			func(c *Config) bool { return c.DualStack }},
 		{"--redirect-dns=false beats env", []string{"--redirect-dns=false"}, map[string]string{"ISTIO_META_DNS_CAPTURE": "true"},
 			func(c *Config) bool { return !c.RedirectDNS }},
 		{"INVALID_DROP alias", nil, map[string]string{"INVALID_DROP": "true"},
