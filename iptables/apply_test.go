@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -377,5 +378,58 @@ func nsRestore(t testing.TB, ns, tool, input string) {
 	cmd.Stdin = strings.NewReader(input)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("%s: %v: %s", tool, err, out)
+	}
+}
+
+// kernelTables lists the tables that exist in the namespace: legacy's per
+// family (from /proc/net) and nft's. snapshot leaves empty tables out, so
+// it cannot see a run that creates one.
+func kernelTables(t testing.TB, ns string) string {
+	t.Helper()
+	var b strings.Builder
+	for _, f := range []string{"/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"} {
+		out, _ := nsRunErr(ns, "cat", f)
+		fields := strings.Fields(out)
+		slices.Sort(fields)
+		fmt.Fprintf(&b, "%s: %v\n", f, fields)
+	}
+	out, _ := nsRunErr(ns, "nft", "list", "tables")
+	fmt.Fprintf(&b, "nft: %s", out)
+	return b.String()
+}
+
+// TestKernelCleanupWithOtherFlagsCreatesNoTable: a cleanup is derived from
+// the kernel's state, so it may run with other flags than the apply. Rules
+// those flags would have put in a table that does not exist cannot be
+// there, and looking for them ("iptables-legacy -t mangle -C") must not
+// create the table: an empty legacy table left behind is what makes
+// Istio's backend detection pick the wrong backend (pain point #4).
+func TestKernelCleanupWithOtherFlagsCreatesNoTable(t *testing.T) {
+	for _, variant := range []string{variantNFT, variantLegacy} {
+		t.Run(variant, func(t *testing.T) {
+			ns := kernelNetns(t)
+			ctx := context.Background()
+			log, _ := testLogger()
+			cfg := configFor(t, goldenCase{args: injectorArgs})
+			cfg.NetworkNamespace, cfg.ForceIptablesBinary = ns, variant
+			if err := Execute(ctx, cfg, mustBuild(t, cfg), log); err != nil {
+				t.Fatal(err)
+			}
+			applied := kernelTables(t, ns)
+
+			other := configFor(t, goldenCase{args: append(append([]string{}, injectorArgs...), "-m", "TPROXY", "-c", "eth9", "--drop-invalid")})
+			other.NetworkNamespace, other.CleanupOnly = ns, true
+			if err := Execute(ctx, other, mustBuild(t, other), log); err != nil {
+				t.Fatal(err)
+			}
+			if d := cmp.Diff(applied, kernelTables(t, ns)); d != "" {
+				t.Errorf("cleanup created tables (-after apply +after cleanup):\n%s", d)
+			}
+			for _, tool := range []string{"iptables-legacy-save", "iptables-nft-save"} {
+				if st := saveState(t, ns, tool); st.hasOwned() {
+					t.Errorf("%s: cleanup left ISTIO_* state", tool)
+				}
+			}
+		})
 	}
 }

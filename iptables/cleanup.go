@@ -70,12 +70,18 @@ func missingBuiltin(ctx context.Context, b *backend, st *savedState, exp map[str
 	var ipt *goipt.IPTables
 	for table, et := range exp {
 		t := st.table(table)
+		if t == nil {
+			// The save lists every table that exists, so none of our rules
+			// can be in this one; "-C" would create it (legacy), leaving an
+			// empty table behind.
+			continue
+		}
 		for chain, specs := range et.Rules {
 			if IsOwnedChain(chain) {
 				continue
 			}
 			for _, spec := range specs {
-				if IsOwnedChain(specTarget(spec)) || (t != nil && hasRule(t, chain, spec)) {
+				if IsOwnedChain(specTarget(spec)) || hasRule(t, chain, spec) {
 					continue
 				}
 				if ipt == nil {
