@@ -6,6 +6,8 @@ package iptables_test
 import (
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -203,5 +205,31 @@ func TestIPv6DisabledIsNotAnError(t *testing.T) {
 	mustOutrigger(t, p.Pod, nil, injector...)
 	if out := p.Pod.Run(t, "ip6tables-nft-save"); strings.Contains(out, "ISTIO") {
 		t.Errorf("IPv6 rules in a pod without IPv6:\n%s", out)
+	}
+}
+
+// TestIP6TablesUnusableIsNotAnError: on a node booted with ipv6.disable=1
+// every ip6tables tool fails ("Address family not supported"). Shadowing
+// them on PATH with tools that fail that way, a v4 pod's apply and cleanup
+// (with other flags) must both succeed and leave the namespace as it was.
+func TestIP6TablesUnusableIsNotAnError(t *testing.T) {
+	requireTools(t)
+	dir := t.TempDir()
+	fail := "#!/bin/sh\necho \"ip6tables v1.8.9: can't initialize ip6tables table 'filter': Address family not supported by protocol\" >&2\nexit 3\n"
+	for _, tool := range []string{"ip6tables", "ip6tables-nft", "ip6tables-nft-save", "ip6tables-nft-restore", "ip6tables-legacy", "ip6tables-legacy-save", "ip6tables-legacy-restore"} {
+		if err := os.WriteFile(filepath.Join(dir, tool), []byte(fail), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	env := []string{"PATH=" + dir + ":" + os.Getenv("PATH")}
+	p := testenv.NewPair(t, "u6", false)
+	before := snapshot(t, p.Pod)
+	mustOutrigger(t, p.Pod, env, append(append([]string{}, injector...), "--redirect-dns", "--capture-all-dns")...)
+	if out := p.Pod.Run(t, "iptables-nft-save"); !strings.Contains(out, "-A OUTPUT -j ISTIO_OUTPUT") {
+		t.Fatalf("no IPv4 rules applied:\n%s", out)
+	}
+	mustOutrigger(t, p.Pod, env, "--cleanup-only", "-m", "TPROXY")
+	if d := cmp.Diff(before, snapshot(t, p.Pod)); d != "" {
+		t.Errorf("cleanup left state behind (-before +after):\n%s", d)
 	}
 }
