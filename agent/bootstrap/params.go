@@ -120,6 +120,14 @@ type Params struct {
 	Root string
 }
 
+// Loopback is the bootstrap's {{localhost}} for these node IPs and
+// ISTIO_DUAL_STACK: where Envoy's admin API listens and how the static
+// clusters reach the agent. The agent must talk to Envoy's admin (drain,
+// readiness, stats) at this same address.
+func Loopback(ips []netip.Addr, dualStack bool) netip.Addr {
+	return netip.MustParseAddr(familyOf(ips, dualStack).localhost)
+}
+
 // ipFamily decides the loopback, wildcard and DNS lookup family from the
 // node IPs, as Istio does.
 type ipFamily struct {

@@ -153,7 +153,7 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags, typeArg string
 	}
 	log.Info("node identity", zap.String("id", node.ID), zap.String("cluster", node.Cluster))
 
-	ecfg, err := envoyConfig(pc, node, typ, logLevels, env)
+	ecfg, err := envoyConfig(pc, node, typ, logLevels, env, agentLoopback(node, bopts))
 	if err != nil {
 		return err
 	}
@@ -293,9 +293,17 @@ func skipDrainOnSecondSignal(sup *envoy.Proxy) (stop func()) {
 	}
 }
 
+// agentLoopback is where the agent reaches Envoy's admin API and Envoy's
+// Prometheus listener: the loopback address the bootstrap gives Envoy's
+// admin. Deriving it anywhere else (from INSTANCE_IP alone, say) breaks the
+// drain and readiness on dual-stack pods whose first IP is IPv6.
+func agentLoopback(node *config.Node, bopts bootstrap.Options) netip.Addr {
+	return bootstrap.Loopback(node.IPs, bopts.DualStack)
+}
+
 // envoyConfig maps the effective ProxyConfig and env onto the supervisor's
-// Config.
-func envoyConfig(pc *config.ProxyConfig, node *config.Node, typ config.ProxyType, levels envoy.LogLevels, env config.Env) (envoy.Config, error) {
+// Config. loopback is agentLoopback's address for Envoy's admin.
+func envoyConfig(pc *config.ProxyConfig, node *config.Node, typ config.ProxyType, levels envoy.LogLevels, env config.Env, loopback netip.Addr) (envoy.Config, error) {
 	c := envoy.DefaultConfig()
 	c.BinaryPath = pc.BinaryPath
 	c.Type = envoy.Router
@@ -317,11 +325,7 @@ func envoyConfig(pc *config.ProxyConfig, node *config.Node, typ config.ProxyType
 		allV6 = allV6 && ip.Is6() && !ip.Is4In6()
 	}
 	c.IPv6 = allV6
-	localhost := netip.AddrFrom4([4]byte{127, 0, 0, 1})
-	if allV6 {
-		localhost = netip.IPv6Loopback()
-	}
-	c.Admin = netip.AddrPortFrom(localhost, pc.ProxyAdminPort)
+	c.Admin = netip.AddrPortFrom(loopback, pc.ProxyAdminPort)
 
 	r := envReader{env: env}
 	c.ExitOnZeroActiveConnections = r.bool("EXIT_ON_ZERO_ACTIVE_CONNECTIONS", c.ExitOnZeroActiveConnections)

@@ -137,6 +137,9 @@ func newProxyParts(in partsInput, log *zap.Logger) (*proxyParts, error) {
 		}
 		hcfg.StatusPort = in.pc.StatusPort
 		hcfg.EnvoyAdminPort = in.pc.ProxyAdminPort
+		// Envoy's admin and Prometheus listener are where the bootstrap put
+		// them, whatever family INSTANCE_IP has.
+		hcfg.Localhost = agentLoopback(in.node, in.bopts)
 		hcfg.Profiling = in.flags.profiling
 		hcfg.Version = version
 		hcfg.StartTime = in.start
