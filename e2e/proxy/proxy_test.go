@@ -438,3 +438,37 @@ func TestBadConfigStartsNoEnvoy(t *testing.T) {
 		})
 	}
 }
+
+// A second SIGTERM cuts the drain wait short: kubelet's grace period may be
+// shorter than terminationDrainDuration, and an operator's second Ctrl-C
+// means "now".
+func TestSecondSignalSkipsTheDrainWait(t *testing.T) {
+	testenv.RequireRoot(t)
+	const drain = 60 * time.Second
+	a := startAgent(t, agentOpts{proxyConfig: `"terminationDrainDuration": "60s"`})
+	a.waitStarts(t, 1, 20*time.Second)
+	startControlPlane(t, a, 9080)
+	a.waitReady(t)
+	if err := a.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	// The drain has begun once Envoy got drain_listeners.
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(a.out.String(), "draining 1 listeners") {
+		if time.Now().After(deadline) {
+			t.Fatal("no drain_listeners call after SIGTERM")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	sigAt := time.Now()
+	if err := a.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if code := a.exitCode(t, drain/3); code != 0 {
+		t.Fatalf("exit code = %d, want 0", code)
+	}
+	t.Logf("agent exited %v after the second SIGTERM", time.Since(sigAt).Round(time.Millisecond))
+	if !strings.Contains(a.out.String(), "Envoy stopped") {
+		t.Error("output lacks \"Envoy stopped\"")
+	}
+}
