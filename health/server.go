@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"strconv"
 	"sync/atomic"
 	"time"
 
@@ -170,7 +171,18 @@ func (s *Server) closeIdle() {
 }
 
 func listen(addr netip.Addr, port uint16) (net.Listener, error) {
-	return net.Listen("tcp", netip.AddrPortFrom(addr, port).String())
+	return net.Listen("tcp", listenAddr(addr, port))
+}
+
+// listenAddr spells the IPv6 unspecified address (the default) as an empty
+// host, as Istio's ":15020": Go then opens a dual-stack socket where IPv6
+// exists and an IPv4 one on nodes booted with ipv6.disable=1, where
+// "[::]:15020" fails with "address family not supported".
+func listenAddr(addr netip.Addr, port uint16) string {
+	if addr == netip.IPv6Unspecified() {
+		return net.JoinHostPort("", strconv.Itoa(int(port)))
+	}
+	return netip.AddrPortFrom(addr, port).String()
 }
 
 // statusHandler routes the status port. Any path not listed is an app probe
