@@ -167,7 +167,11 @@ func applyFamily(ctx context.Context, r *runner, cfg *Config, rs *Ruleset, log *
 	}
 	states := make([]*backendState, 0, len(bes))
 	for _, b := range bes {
-		states = append(states, readState(ctx, r, b))
+		st := readState(ctx, r, b)
+		if perr := permissionError(b, st.Err); perr != nil {
+			return nil, fmt.Errorf("%s: %w", rs.Family, perr)
+		}
+		states = append(states, st)
 	}
 	c, err := chooseBackend(cfg.ForceIptablesBinary, states)
 	if err != nil {
@@ -222,6 +226,9 @@ func applyFamily(ctx context.Context, r *runner, cfg *Config, rs *Ruleset, log *
 		}
 	}
 	if err != nil {
+		if perr := permissionError(c.B, err); perr != nil {
+			err = perr
+		}
 		rollback(ctx, r, c.B, c.St, builtin, log)
 		return nil, fmt.Errorf("%s: apply: %w", rs.Family, err)
 	}

@@ -226,7 +226,9 @@ var tableRe = regexp.MustCompile("table [`'\"]?([a-z]+)")
 // returns nil when err is something else.
 func kernelSupportError(b *backend, err error) error {
 	var ee *execError
-	if !errors.As(err, &ee) {
+	if !errors.As(err, &ee) || permissionError(b, err) != nil {
+		// "Could not fetch rule set generation id: Permission denied" is
+		// a missing capability, not a missing module.
 		return nil
 	}
 	msg := ee.Stderr
@@ -252,6 +254,29 @@ func kernelSupportError(b *backend, err error) error {
 			ErrKernelSupport, b, strings.TrimSpace(msg))
 	}
 	return nil
+}
+
+// ErrPermission marks an iptables tool the kernel refused: the command
+// runs without root or without the NET_ADMIN capability.
+var ErrPermission = errors.New("not permitted to change the network namespace's rules")
+
+// permissionError turns "Permission denied (you must be root)" and
+// "Operation not permitted" from an iptables tool into one error that says
+// what the container needs, or returns nil when err is something else. It
+// keeps a refused tool from passing for one that does not work in this
+// kernel (which would move the rules to the other backend, or let a
+// cleanup that read nothing report success).
+func permissionError(b *backend, err error) error {
+	var ee *execError
+	if !errors.As(err, &ee) {
+		return nil
+	}
+	msg := ee.Stderr
+	if !strings.Contains(msg, "Permission denied") && !strings.Contains(msg, "Operation not permitted") && !strings.Contains(msg, "you must be root") {
+		return nil
+	}
+	return fmt.Errorf("%w: %s: %s: run istio-iptables as root with the NET_ADMIN and NET_RAW capabilities, as Istio's istio-init container (runAsUser: 0, capabilities.add: [NET_ADMIN, NET_RAW])",
+		ErrPermission, b, strings.TrimSpace(msg))
 }
 
 func logChoice(log *zap.Logger, c choice, states []*backendState) {

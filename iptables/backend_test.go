@@ -83,6 +83,7 @@ func TestKernelSupportError(t *testing.T) {
 		{variantLegacy, IPv6, "ip6tables-restore: unable to initialize table 'mangle'", "modprobe ip6table_mangle"},
 		{variantNFT, IPv4, "iptables-nft-restore: Could not fetch rule set generation id: Invalid argument", "modprobe nf_tables"},
 		{variantNFT, IPv4, "iptables-nft-restore v1.8.9 (nf_tables): unknown option \"--bogus\"", ""},
+		{variantNFT, IPv4, "iptables-nft-save v1.8.9 (nf_tables): Could not fetch rule set generation id: Permission denied (you must be root)", ""},
 	}
 	for _, tt := range tests {
 		b := &backend{Variant: tt.variant, Family: tt.fam}
@@ -92,6 +93,29 @@ func TestKernelSupportError(t *testing.T) {
 			t.Errorf("%q: got %v, want no kernel support error", tt.stderr, err)
 		case tt.want != "" && (err == nil || !strings.Contains(err.Error(), tt.want) || !errors.Is(err, ErrKernelSupport)):
 			t.Errorf("%q: got %v, want ErrKernelSupport naming %q", tt.stderr, err, tt.want)
+		}
+	}
+}
+
+func TestPermissionError(t *testing.T) {
+	for _, tt := range []struct {
+		stderr string
+		want   bool
+	}{
+		{"iptables-nft-save v1.8.9 (nf_tables): Could not fetch rule set generation id: Permission denied (you must be root)", true},
+		{"Fatal: can't open lock file /run/xtables.lock: Permission denied", true},
+		{"iptables-legacy-save: Operation not permitted", true},
+		{"ip6tables v1.8.9: can't initialize ip6tables table 'filter': Address family not supported by protocol", false},
+		{"iptables-restore: line 3 failed", false},
+	} {
+		b := &backend{Variant: variantNFT, Family: IPv4}
+		err := permissionError(b, &execError{Cmd: "save", Stderr: tt.stderr, Err: errors.New("exit status 4")})
+		if got := err != nil; got != tt.want {
+			t.Errorf("%q: permission error %v, want %v", tt.stderr, err, tt.want)
+			continue
+		}
+		if tt.want && (!errors.Is(err, ErrPermission) || !strings.Contains(err.Error(), "NET_ADMIN")) {
+			t.Errorf("%q: %v does not wrap ErrPermission and name NET_ADMIN", tt.stderr, err)
 		}
 	}
 }

@@ -31,6 +31,11 @@ func cleanup(ctx context.Context, r *runner, cfg *Config, plan *Plan, log *zap.L
 		exp := expectRuleset(rs)
 		for _, b := range findBackends(ctx, r, fam) {
 			st := readState(ctx, r, b)
+			if perr := permissionError(b, st.Err); perr != nil {
+				// Nothing could be read, so nothing is known to be clean.
+				errs = append(errs, fmt.Errorf("cleanup: %w", perr))
+				continue
+			}
 			if st.Err != nil {
 				// An IPv6-less kernel or a backend the kernel lacks holds
 				// nothing of ours.
@@ -44,6 +49,9 @@ func cleanup(ctx context.Context, r *runner, cfg *Config, plan *Plan, log *zap.L
 			}
 			log.Info("removing ISTIO_* chains and jumps", zap.String("backend", b.String()))
 			if err := restore(ctx, r, b, input); err != nil {
+				if perr := permissionError(b, err); perr != nil {
+					err = perr
+				}
 				errs = append(errs, fmt.Errorf("cleanup %s: %w", b, err))
 				continue
 			}

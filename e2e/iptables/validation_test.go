@@ -79,3 +79,19 @@ func worldExecutable(t *testing.T, bin string) string {
 	}
 	return dst
 }
+
+// TestWithoutPrivilegeFailsClearly: istio-init without root and NET_ADMIN
+// (a pod security policy, a wrong securityContext) cannot read or change
+// the rules. Both the apply and the cleanup must exit 1 with an error that
+// says what is missing; a cleanup that could read nothing must not report
+// success.
+func TestWithoutPrivilegeFailsClearly(t *testing.T) {
+	requireTools(t)
+	p := testenv.NewPair(t, "np", false)
+	for _, args := range [][]string{injector, append(append([]string{}, injector...), "--cleanup-only")} {
+		code, out := runAs1337(t, p.Pod, args...)
+		if code != 1 || !strings.Contains(out, "NET_ADMIN") {
+			t.Errorf("%v as uid 1337: exit %d, want 1 with an error naming NET_ADMIN\n%s", args, code, out)
+		}
+	}
+}
