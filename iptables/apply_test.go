@@ -433,3 +433,40 @@ func TestKernelCleanupWithOtherFlagsCreatesNoTable(t *testing.T) {
 		})
 	}
 }
+
+// TestKernelForceApply: --force-apply rewrites rules that are already in
+// place (one restore, no "already applied"), and the result is still
+// exactly the plan, with no duplicate.
+func TestKernelForceApply(t *testing.T) {
+	ns := kernelNetns(t)
+	ctx := context.Background()
+	cfg := configFor(t, goldenCase{args: injectorArgs})
+	cfg.NetworkNamespace = ns
+	plan := mustBuild(t, cfg)
+	log, _ := testLogger()
+	if err := Execute(ctx, cfg, plan, log); err != nil {
+		t.Fatal(err)
+	}
+	applied := snapshot(t, ns)
+	cfg.ForceApply = true
+	log, logs := testLogger()
+	if err := Execute(ctx, cfg, plan, log); err != nil {
+		t.Fatal(err)
+	}
+	if logs.FilterMessageSnippet("already applied").Len() != 0 {
+		t.Error("--force-apply skipped the apply")
+	}
+	restores := 0
+	for _, e := range logs.FilterMessage("exec").All() {
+		if strings.HasSuffix(fmt.Sprint(e.ContextMap()["cmd"]), "-restore") {
+			restores++
+		}
+	}
+	if restores != 1 {
+		t.Errorf("--force-apply ran %d restores, want 1", restores)
+	}
+	checkState(t, ns, variantNFT, plan)
+	if d := cmp.Diff(applied, snapshot(t, ns)); d != "" {
+		t.Errorf("--force-apply changed the rules (-before +after):\n%s", d)
+	}
+}
