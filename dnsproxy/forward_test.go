@@ -1,10 +1,12 @@
 package dnsproxy
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -310,5 +312,43 @@ func TestServeStale(t *testing.T) {
 				t.Errorf("past the stale window: rcode %s, want SERVFAIL", dns.RcodeToString[r.Rcode])
 			}
 		})
+	}
+}
+
+// refusing is a UDP port on loopback where nothing listens: the kernel
+// answers queries to it with ICMP port unreachable.
+func refusing(t *testing.T) netip.AddrPort {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ap := pc.LocalAddr().(*net.UDPAddr).AddrPort()
+	pc.Close()
+	return ap
+}
+
+func TestForwardRefusedFailsFast(t *testing.T) {
+	// A resolver whose port is closed answers with ICMP port unreachable:
+	// the query fails with that error instead of waiting out the timeout
+	// (which is long here so that waiting it out fails the test).
+	u := newUpstream(refusing(t), 10*time.Second)
+	defer u.close()
+	msg := packQuery(t, "example.net.", dns.TypeA, 0)
+	for i := range 3 { // the first query and those on the replaced socket
+		_, err := u.exchangeUDP(t.Context(), append([]byte(nil), msg...))
+		if !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Fatalf("query %d: err %v, want connection refused", i, err)
+		}
+	}
+
+	// Sequential forwarding then reaches the working resolver at once.
+	good := startUpstream(t, answerA("192.0.2.99", 60))
+	ts := startServer(t, Config{Upstreams: []netip.AddrPort{refusing(t), good.addr}, ForwardTimeout: 30 * time.Second, CacheDisabled: true}, testTable())
+	for range 4 { // random order: both orders happen
+		r := ts.query(t, "udp", "example.net.", dns.TypeA, 0)
+		if r.Rcode != dns.RcodeSuccess || len(r.Answer) != 1 {
+			t.Fatalf("rcode %s answers %v", dns.RcodeToString[r.Rcode], r.Answer)
+		}
 	}
 }

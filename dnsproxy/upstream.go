@@ -57,7 +57,8 @@ type udpSock struct {
 
 type pendingQuery struct {
 	question []byte
-	ch       chan []byte
+	ch       chan []byte // the answer, or nil when err is set
+	err      error
 }
 
 // exchangeUDP sends the packed query (its ID is overwritten) and waits for
@@ -100,6 +101,9 @@ func (u *upstream) exchangeUDP(ctx context.Context, msg []byte) ([]byte, error) 
 	}
 	select {
 	case resp := <-pq.ch:
+		if resp == nil {
+			return nil, fmt.Errorf("udp %s: %w", u.addr, pq.err)
+		}
 		return resp, nil
 	case <-ctx.Done():
 		return nil, fmt.Errorf("udp %s: %w", u.addr, ctx.Err())
@@ -144,12 +148,19 @@ func (s *udpSock) read() {
 		if err != nil {
 			var ne net.Error
 			if errors.As(err, &ne) && !ne.Timeout() && !errors.Is(err, net.ErrClosed) {
-				// ICMP port unreachable and the like: keep reading, the
-				// query times out; a dead socket is replaced below.
+				// ICMP port unreachable and the like. The socket is
+				// connected to this one resolver, so every query waiting
+				// on it fails now rather than at the timeout, and the
+				// next query gets a fresh socket.
 				s.u.mu.Lock()
 				if s.u.sock == s {
 					s.u.sock = nil
 					s.retired = true
+				}
+				for id, pq := range s.pending {
+					delete(s.pending, id)
+					pq.err = err
+					pq.ch <- nil
 				}
 				empty := len(s.pending) == 0
 				s.u.mu.Unlock()
