@@ -118,7 +118,7 @@ func (c *cache) ttlFor(resp *dns.Msg) time.Duration {
 // case in wire form in key). It allocates; it runs on the forwarding path.
 func (c *cache) put(key []byte, resp *dns.Msg, now time.Time) {
 	ttl := c.ttlFor(resp)
-	if ttl <= 0 {
+	if ttl <= 0 || len(resp.Question) == 0 {
 		return
 	}
 	m := resp.Copy()

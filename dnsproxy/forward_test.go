@@ -352,3 +352,34 @@ func TestForwardRefusedFailsFast(t *testing.T) {
 		}
 	}
 }
+
+func TestForwardTCPAnswerWithoutQuestion(t *testing.T) {
+	// The upstream truncates over UDP and answers over TCP with records but
+	// no question section: the answer cannot be matched to the query, so it
+	// is not used (nor cached); the client gets the truncated UDP answer
+	// with TC, and the proxy keeps running.
+	up := startUpstream(t, func(w dns.ResponseWriter, r *dns.Msg, tcp bool) {
+		if !tcp {
+			bigAnswer(34, true)(w, r, tcp)
+			return
+		}
+		m := new(dns.Msg)
+		m.SetReply(r)
+		m.Question = nil
+		m.Answer = []dns.RR{&dns.A{
+			Hdr: dns.RR_Header{Name: r.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60},
+			A:   net.IPv4(192, 0, 2, 1),
+		}}
+		_ = w.WriteMsg(m)
+	})
+	ts := startServer(t, Config{Upstreams: up.Addrs()}, testTable())
+	for range 2 {
+		r := ts.query(t, "udp", "big.example.net.", dns.TypeA, 0)
+		if r.Rcode != dns.RcodeSuccess || !r.Truncated || len(r.Answer) != 0 {
+			t.Fatalf("rcode %s TC %v answers %v, want NOERROR with TC and no records", dns.RcodeToString[r.Rcode], r.Truncated, r.Answer)
+		}
+	}
+	if up.tcpHits.Load() != 2 {
+		t.Errorf("%d TCP queries upstream, want 2 (nothing cached)", up.tcpHits.Load())
+	}
+}

@@ -29,7 +29,10 @@ const tcpIdleTimeout = 8 * time.Second
 // tcpMaxIdle bounds the idle TCP connections kept per upstream.
 const tcpMaxIdle = 4
 
-var errUpstreamClosed = errors.New("upstream closed")
+var (
+	errUpstreamClosed = errors.New("upstream closed")
+	errAnswerMismatch = errors.New("answer does not carry the question asked")
+)
 
 type upstream struct {
 	addr    netip.AddrPort
@@ -280,6 +283,12 @@ func (c *tcpConn) exchange(msg []byte, deadline time.Time) ([]byte, error) {
 		}
 		// A late answer to an earlier query on this connection: skip it.
 		if len(resp) >= headerLen && binary.BigEndian.Uint16(resp) == id {
+			// As over UDP, the answer must carry our question.
+			_, qend, err := questionBounds(resp)
+			_, mend, merr := questionBounds(msg)
+			if err != nil || merr != nil || !equalFoldASCII(resp[headerLen:qend], msg[headerLen:mend]) {
+				return nil, errAnswerMismatch
+			}
 			return resp, nil
 		}
 	}
