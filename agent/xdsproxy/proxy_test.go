@@ -35,8 +35,8 @@ func TestConfigFlowsBothWays(t *testing.T) {
 				t.Fatal(err)
 			}
 			cds := recvType(t, c, cdsType)
-			if cds.Count != 4 { // 3 services + PassthroughCluster
-				t.Errorf("CDS has %d clusters, want 4", cds.Count)
+			if cds.Count != 5 { // 3 services + PassthroughCluster + InboundPassthroughCluster
+				t.Errorf("CDS has %d clusters, want 5", cds.Count)
 			}
 			first := waitCP(t, cp, "the CDS request", func(e controlplane.Event) bool { return e.TypeURL == cdsType })
 			if first.NodeID != "sidecar~10.0.0.1~pod.ns~ns.svc.cluster.local" {
@@ -166,8 +166,8 @@ func TestTLSAndToken(t *testing.T) {
 		if err := c.Subscribe(cdsType, nil, "", nil); err != nil {
 			t.Fatal(err)
 		}
-		if r := recvType(t, c, cdsType); r.Count != 3 {
-			t.Errorf("CDS over TLS has %d clusters, want 3", r.Count)
+		if r := recvType(t, c, cdsType); r.Count != 4 {
+			t.Errorf("CDS over TLS has %d clusters, want 4", r.Count)
 		}
 	})
 	t.Run("wrong token", func(t *testing.T) {

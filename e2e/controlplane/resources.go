@@ -33,7 +33,8 @@ const (
 	groupEnvoy = "envoy"
 	groupGRPC  = "grpc"
 
-	passthrough = "PassthroughCluster"
+	passthrough        = "PassthroughCluster"
+	inboundPassthrough = "InboundPassthroughCluster"
 )
 
 // ClusterName is the cluster of a service port, in Istio's format.
@@ -195,6 +196,18 @@ func resourcesFor(m Mesh, group string) map[resource.Type][]types.Resource {
 			LbPolicy:             cluster.Cluster_CLUSTER_PROVIDED,
 			ConnectTimeout:       durationpb.New(10 * time.Second),
 		})
+		// Inbound passthrough connects from 127.0.0.6, as Istio's does: the
+		// capture rules let that source past, so the app gets the
+		// connection instead of it looping back into 15006.
+		add(resource.ClusterType, &cluster.Cluster{
+			Name:                 inboundPassthrough,
+			ClusterDiscoveryType: &cluster.Cluster_Type{Type: cluster.Cluster_ORIGINAL_DST},
+			LbPolicy:             cluster.Cluster_CLUSTER_PROVIDED,
+			ConnectTimeout:       durationpb.New(10 * time.Second),
+			UpstreamBindConfig: &core.BindConfig{SourceAddress: &core.SocketAddress{
+				Address: "127.0.0.6", PortSpecifier: &core.SocketAddress_PortValue{PortValue: 0},
+			}},
+		})
 		origDst := &listener.ListenerFilter{Name: "envoy.filters.listener.original_dst", ConfigType: &listener.ListenerFilter_TypedConfig{
 			TypedConfig: mustAny(&originaldst.OriginalDst{}),
 		}}
@@ -206,8 +219,9 @@ func resourcesFor(m Mesh, group string) map[resource.Type][]types.Resource {
 		})
 		add(resource.ListenerType, &listener.Listener{
 			Name: "virtualInbound", Address: socketAddress("0.0.0.0", 15006),
-			ListenerFilters: []*listener.ListenerFilter{origDst},
-			FilterChains:    []*listener.FilterChain{{Filters: []*listener.Filter{tcpProxy("InboundPassthroughCluster", passthrough)}}},
+			TrafficDirection: core.TrafficDirection_INBOUND,
+			ListenerFilters:  []*listener.ListenerFilter{origDst},
+			FilterChains:     []*listener.FilterChain{{Filters: []*listener.Filter{tcpProxy("InboundPassthroughCluster", inboundPassthrough)}}},
 		})
 		for _, rn := range routeOrder {
 			add(resource.RouteType, routes[rn])

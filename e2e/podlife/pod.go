@@ -27,6 +27,8 @@ const (
 	PeerIP = "10.20.0.1"
 	// ServicePort is where the peer's service listens.
 	ServicePort = "8080"
+	// AppPort is where the pod's own app listens.
+	AppPort = "9080"
 	// ServiceHost is the mesh name of that service.
 	ServiceHost = "reviews.default.svc.cluster.local"
 )

@@ -50,6 +50,7 @@ func (p *Pod) Lifecycle() []Step {
 		Step{"workload certificate issued by the mesh CA, held for Envoy's SDS requests", p.certificate},
 		Step{"app resolves a mesh name through the DNS proxy (captured port 53)", p.resolve},
 		Step{"app calls the service: captured on 15001, sent on to its original destination", p.call},
+		Step{"a client outside calls the app: captured on 15006, delivered from 127.0.0.6", p.inbound},
 		Step{"kubelet probes 15021 from outside the pod; lifecycle endpoints refuse it", p.probeFromPeer},
 		Step{"control plane restarts: the pod keeps working and reconnects", p.controlPlaneRestart},
 		Step{"SIGTERM: readiness 503 at once, Envoy drains, everything exits 0", p.terminate},
@@ -291,20 +292,49 @@ func (p *Pod) call(ctx context.Context) (string, error) {
 	if !strings.HasPrefix(reply, "hello from "+PeerIP) {
 		return "", fmt.Errorf("unexpected reply %q", reply)
 	}
-	want := "-> " + PeerIP + ":" + ServicePort
 	var line string
 	if err := poll(ctx, 5*time.Second, func() error {
-		for _, l := range strings.Split(p.output("sidecar"), "\n") {
-			if strings.Contains(l, "outbound") && strings.Contains(l, want) {
-				line = strings.TrimSpace(l)
-				return nil
-			}
+		if line = p.accessLogLine("outbound", PeerIP+":"+ServicePort); line == "" {
+			return fmt.Errorf("Envoy logged no outbound connection to %s:%s", PeerIP, ServicePort)
 		}
-		return fmt.Errorf("Envoy logged no outbound connection %s", want)
+		return nil
 	}); err != nil {
 		return "", err
 	}
 	return fmt.Sprintf("service answered %q; Envoy's access log: %s", reply, line), nil
+}
+
+func (p *Pod) inbound(ctx context.Context) (string, error) {
+	if p.proc("app") == nil {
+		if _, err := p.start("app", "pod", 0, nil, p.dir, p.bin.Tool, "serve", PodIP+":"+AppPort); err != nil {
+			return "", err
+		}
+	}
+	var reply string
+	if err := poll(ctx, 5*time.Second, func() error {
+		out, err := p.InPeer(ctx, p.bin.Tool, "call", PodIP+":"+AppPort)
+		reply = strings.TrimSpace(out)
+		return err
+	}); err != nil {
+		return "", err
+	}
+	// The app sees Envoy's inbound passthrough, not the client: proof the
+	// connection went through 15006.
+	if !strings.Contains(reply, "you are 127.0.0.6:") {
+		return "", fmt.Errorf("the app answered %q: the connection did not come through Envoy's inbound listener", reply)
+	}
+	return fmt.Sprintf("app answered %q; Envoy's access log: %s", reply, p.accessLogLine("inbound", PodIP+":"+AppPort)), nil
+}
+
+// accessLogLine is Envoy's access-log line for a connection in direction
+// to dest, or "" if there is none (a real Envoy logs elsewhere).
+func (p *Pod) accessLogLine(direction, dest string) string {
+	for _, l := range strings.Split(p.output("sidecar"), "\n") {
+		if strings.Contains(l, direction) && strings.Contains(l, "-> "+dest) {
+			return strings.TrimSpace(l)
+		}
+	}
+	return ""
 }
 
 func (p *Pod) probeFromPeer(ctx context.Context) (string, error) {
@@ -459,7 +489,7 @@ func (p *Pod) drainEndpoint(ctx context.Context) (string, error) {
 }
 
 func (p *Pod) cleanup(ctx context.Context) (string, error) {
-	for _, name := range []string{"controlplane", "ca", "service", "kube-dns"} {
+	for _, name := range []string{"controlplane", "ca", "service", "kube-dns", "app"} {
 		if p.proc(name) != nil {
 			_, _, _ = p.stop(name, syscall.SIGTERM, 5*time.Second)
 		}
