@@ -89,6 +89,19 @@ func (r *readiness) setDraining(why string) {
 	r.lastReadyVal.Store(false)
 }
 
+// envoyGone forgets that Envoy was ready: the process that was ready has
+// exited (and may be restarted), so readiness asks Envoy again until the new
+// one is LIVE with its config. Istio never restarts Envoy, so its
+// stickiness never has to be undone.
+func (r *readiness) envoyGone() {
+	r.envoyReady.Store(false)
+	r.configSeen.Store(false)
+	r.mu.Lock()
+	r.cachedAt = time.Time{}
+	r.mu.Unlock()
+	r.lastReadyVal.Store(false)
+}
+
 // check returns nil when the pod is ready. It waits at most for one admin
 // round trip (bounded by AdminTimeout) or until ctx ends.
 func (r *readiness) check(ctx context.Context) error {

@@ -117,6 +117,29 @@ func TestReadinessStickyAndDraining(t *testing.T) {
 	}
 }
 
+// A restarted Envoy is not ready until it is LIVE with its config again:
+// the sticky state belongs to the process that earned it.
+func TestReadinessAfterEnvoyExit(t *testing.T) {
+	admin := newFakeAdmin(t)
+	cfg := testConfig(admin)
+	cfg.ReadinessCacheTTL = time.Nanosecond
+	s := start(t, cfg)
+	admin.set(liveStats())
+	if code, _ := get(t, s.ReadinessAddr(), "/healthz/ready"); code != 200 {
+		t.Fatalf("once live: %d, want 200", code)
+	}
+	// Envoy died; its successor is still starting.
+	admin.set(map[string]uint64{"server.state": 2})
+	s.EnvoyExited()
+	if code, _ := get(t, s.ReadinessAddr(), "/healthz/ready"); code != 503 {
+		t.Fatalf("after Envoy exited, new one pre-initializing: %d, want 503", code)
+	}
+	admin.set(liveStats())
+	if code, _ := get(t, s.ReadinessAddr(), "/healthz/ready"); code != 200 {
+		t.Fatalf("new Envoy live: %d, want 200", code)
+	}
+}
+
 func TestReadinessDNS(t *testing.T) {
 	admin := newFakeAdmin(t)
 	admin.set(liveStats())

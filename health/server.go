@@ -83,6 +83,11 @@ func (s *Server) Registry() *prometheus.Registry { return s.registry }
 // endpoints keep an answer during the drain.
 func (s *Server) SetDraining() { s.ready.setDraining("the agent is shutting down") }
 
+// EnvoyExited makes readiness 503 again until a new Envoy is LIVE with its
+// config: the supervisor calls it when Envoy exits on its own, before it
+// restarts Envoy (OUTRIGGER_ENVOY_RESTART).
+func (s *Server) EnvoyExited() { s.ready.envoyGone() }
+
 // Listening is closed once both ports are bound; StatusAddr and
 // ReadinessAddr are valid after that.
 func (s *Server) Listening() <-chan struct{} { return s.listening }

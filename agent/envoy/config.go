@@ -82,6 +82,10 @@ type Config struct {
 	// instead of ending the agent. Outrigger only: env
 	// OUTRIGGER_ENVOY_RESTART, default false (Istio never restarts Envoy).
 	RestartOnExit bool
+	// OnExit, when set, is called each time Envoy exits on its own, before
+	// a restart (RestartOnExit) or before Run returns. The status server
+	// uses it to stop reporting a dead Envoy as ready. Outrigger only.
+	OnExit func(*ExitError)
 	// Backoff paces restarts when RestartOnExit is on.
 	Backoff Backoff
 	// Env is Envoy's environment. Nil means the agent's own, as in Istio.

@@ -208,6 +208,9 @@ func (p *Proxy) Run(ctx context.Context) error {
 
 		// Envoy exited on its own.
 		exit := proc.exitError()
+		if p.cfg.OnExit != nil {
+			p.cfg.OnExit(exit)
+		}
 		_ = proc.signalGroup(syscall.SIGKILL) // anything Envoy left behind
 		p.mu.Lock()
 		p.pid = 0

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -303,9 +304,15 @@ func TestDrainThenShutdown(t *testing.T) {
 }
 
 func TestRestartOnExit(t *testing.T) {
+	var exits atomic.Int32
 	r := startFake(t, []string{"FAKE_EXIT_AFTER=0s", "FAKE_EXIT_CODE=1"}, func(c *Config) {
 		c.RestartOnExit = true
 		c.Backoff = Backoff{Initial: 10 * time.Millisecond, Max: 40 * time.Millisecond, ResetAfter: time.Hour}
+		c.OnExit = func(e *ExitError) {
+			if e.Code == 1 {
+				exits.Add(1)
+			}
+		}
 	})
 	lines := r.waitLines(t, 3)
 	pids := map[string]bool{}
@@ -321,6 +328,9 @@ func TestRestartOnExit(t *testing.T) {
 	}
 	if r.p.Restarts() < 2 {
 		t.Errorf("Restarts() = %d, want >= 2", r.p.Restarts())
+	}
+	if got := int(exits.Load()); got < r.p.Restarts() {
+		t.Errorf("OnExit called %d times for %d restarts", got, r.p.Restarts())
 	}
 }
 

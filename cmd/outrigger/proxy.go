@@ -195,6 +195,9 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags, typeArg string
 		// descriptor once; hand that garbage back to the OS now rather than
 		// keep it resident for the pod's life.
 		debug.FreeOSMemory()
+		if parts.health != nil {
+			ecfg.OnExit = func(*envoy.ExitError) { parts.health.EnvoyExited() }
+		}
 		if sup, err = envoy.New(ecfg, log); err != nil {
 			if ecfg.RemoveBootstrap {
 				_ = os.Remove(ecfg.BootstrapPath)
