@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"sync"
 	"syscall"
 	"time"
 
@@ -89,6 +90,8 @@ var errQuit = errors.New("quit requested (/quitquitquit)")
 // carrying Envoy's exit code when Envoy fails.
 func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags, typeArg string, log *zap.Logger) error {
 	start := time.Now()
+	signals := countSignals()
+	defer signals.stop()
 	// GC settings for a long-lived process sharing its container with
 	// Envoy: GOGC 50 unless set, and a soft memory limit at half of the
 	// container's cgroup limit unless GOMEMLIMIT is set (Envoy needs the
@@ -183,6 +186,11 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags, typeArg string
 	defer cancel(nil)
 	var sup *envoy.Proxy
 	var main component = waitForShutdown{}
+	if ctx.Err() != nil {
+		// Told to stop while starting: there is nothing to drain.
+		log.Info("shutdown requested before Envoy started; not starting it", zap.NamedError("cause", context.Cause(ctx)))
+		return nil
+	}
 	if disableEnvoy {
 		log.Info("DISABLE_ENVOY is set: not starting Envoy")
 	} else {
@@ -204,8 +212,7 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags, typeArg string
 			}
 			return err
 		}
-		stop := skipDrainOnSecondSignal(sup)
-		defer stop()
+		signals.onSecond(sup.SkipDrain)
 		main = sup
 	}
 	parts.wireLifecycle(sup, func() {
@@ -271,29 +278,54 @@ func (waitForShutdown) Run(ctx context.Context) error {
 	return nil
 }
 
-// skipDrainOnSecondSignal makes a second SIGTERM/SIGINT cut the drain wait
-// short. The first one cancels the root context (main's NotifyContext).
-func skipDrainOnSecondSignal(sup *envoy.Proxy) (stop func()) {
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
-	done := make(chan struct{})
+// signalCounter counts SIGTERM/SIGINT from the start of proxy mode. The
+// first cancels the root context (main's NotifyContext); the second skips
+// the drain wait, even if it arrived before Envoy was started.
+type signalCounter struct {
+	sigs chan os.Signal
+	done chan struct{}
+
+	mu     sync.Mutex
+	n      int
+	second func()
+}
+
+func countSignals() *signalCounter {
+	c := &signalCounter{sigs: make(chan os.Signal, 2), done: make(chan struct{})}
+	signal.Notify(c.sigs, syscall.SIGINT, syscall.SIGTERM)
 	go func() {
-		n := 0
 		for {
 			select {
-			case <-sigs:
-				if n++; n == 2 {
-					sup.SkipDrain()
+			case <-c.sigs:
+				c.mu.Lock()
+				c.n++
+				n, fn := c.n, c.second
+				c.mu.Unlock()
+				if n == 2 && fn != nil {
+					fn()
 				}
-			case <-done:
+			case <-c.done:
 				return
 			}
 		}
 	}()
-	return func() {
-		signal.Stop(sigs)
-		close(done)
+	return c
+}
+
+// onSecond runs fn on the second signal, or now if it has come already.
+func (c *signalCounter) onSecond(fn func()) {
+	c.mu.Lock()
+	c.second = fn
+	n := c.n
+	c.mu.Unlock()
+	if n >= 2 {
+		fn()
 	}
+}
+
+func (c *signalCounter) stop() {
+	signal.Stop(c.sigs)
+	close(c.done)
 }
 
 // agentLoopback is where the agent reaches Envoy's admin API and Envoy's
