@@ -24,7 +24,14 @@ type fileResource struct {
 	name              string
 	certPath, keyPath string // key and chain; empty for roots
 	rootPath          string // roots; empty for key and chain
-	last              []byte // content last published
+	last              []byte // content last published; nil once withdrawn
+
+	// For a key and chain: when the published chain stops being valid, and
+	// the timer that withdraws it then. gen tells a stale timer (from before
+	// a reload) that it has nothing to do.
+	notAfter time.Time
+	expiry   *time.Timer
+	gen      uint64
 }
 
 // parseFileResource maps an SDS resource name to files. ok is false when the
@@ -59,31 +66,48 @@ func (r *fileResource) paths() []string {
 	return []string{r.certPath, r.keyPath}
 }
 
-// load reads and checks the files. Errors name the file at fault.
-func (r *fileResource) load(now time.Time) ([]byte, *tlsv3.Secret, error) {
+// load reads and checks the files. Errors name the file at fault. notAfter
+// is when a key and chain stops being valid: the earliest NotAfter in the
+// chain (an expired intermediate breaks it as surely as the leaf). It is
+// zero for roots, which are not withdrawn: bundles commonly hold expired
+// roots beside good ones, and Envoy skips those itself.
+func (r *fileResource) load(now time.Time) (content []byte, sec *tlsv3.Secret, notAfter time.Time, err error) {
 	if r.rootPath != "" {
 		b, err := os.ReadFile(r.rootPath)
 		if err != nil {
-			return nil, nil, fmt.Errorf("%s: read roots: %w", r.name, err)
+			return nil, nil, time.Time{}, fmt.Errorf("%s: read roots: %w", r.name, err)
 		}
 		if _, _, err := certs.ParseRoots(b); err != nil {
-			return nil, nil, fmt.Errorf("%s: roots file %s: %w", r.name, r.rootPath, err)
+			return nil, nil, time.Time{}, fmt.Errorf("%s: roots file %s: %w", r.name, r.rootPath, err)
 		}
-		return b, rootSecret(r.name, b), nil
+		return b, rootSecret(r.name, b), time.Time{}, nil
 	}
 	chain, err := os.ReadFile(r.certPath)
 	if err != nil {
-		return nil, nil, fmt.Errorf("%s: read certificate chain: %w", r.name, err)
+		return nil, nil, time.Time{}, fmt.Errorf("%s: read certificate chain: %w", r.name, err)
 	}
 	key, err := os.ReadFile(r.keyPath)
 	if err != nil {
-		return nil, nil, fmt.Errorf("%s: read private key: %w", r.name, err)
+		return nil, nil, time.Time{}, fmt.Errorf("%s: read private key: %w", r.name, err)
 	}
 	if _, err := certs.VerifyChain(chain, certs.Check{KeyPEM: key, Now: now}); err != nil {
-		return nil, nil, fmt.Errorf("%s: refusing certificate %s with key %s: %w", r.name, r.certPath, r.keyPath, err)
+		return nil, nil, time.Time{}, fmt.Errorf("%s: refusing certificate %s with key %s: %w", r.name, r.certPath, r.keyPath, err)
 	}
-	content := append(append(bytes.Clone(chain), 0), key...)
-	return content, keyCertSecret(r.name, chain, key), nil
+	cs, err := certs.ParseCerts(chain)
+	if err != nil { // VerifyChain parsed it already
+		return nil, nil, time.Time{}, fmt.Errorf("%s: certificate %s: %w", r.name, r.certPath, err)
+	}
+	for _, c := range cs {
+		if notAfter.IsZero() || c.NotAfter.Before(notAfter) {
+			notAfter = c.NotAfter
+		}
+	}
+	if !now.Before(notAfter) {
+		return nil, nil, time.Time{}, fmt.Errorf("%s: refusing certificate %s: the chain expired at %s (NotAfter); replace the files",
+			r.name, r.certPath, notAfter.UTC().Format(time.RFC3339))
+	}
+	content = append(append(bytes.Clone(chain), 0), key...)
+	return content, keyCertSecret(r.name, chain, key), notAfter, nil
 }
 
 // fileWatcher serves file resources and pushes them again when their files
@@ -135,7 +159,7 @@ func (f *fileWatcher) add(res *fileResource, mustLoad bool) error {
 		}
 		res = f.res[res.name]
 	}
-	content, sec, err := res.load(time.Now())
+	content, sec, notAfter, err := res.load(time.Now())
 	if err != nil {
 		f.metrics.secretFailures.Inc()
 		if mustLoad {
@@ -143,7 +167,7 @@ func (f *fileWatcher) add(res *fileResource, mustLoad bool) error {
 		}
 		f.log.Error("cannot serve file secret yet; waiting for the files to change", zap.Error(err))
 	} else {
-		f.publishLocked(res, content, sec)
+		f.publishLocked(res, content, sec, notAfter)
 		f.log.Info("serving file secret", zap.String("resource", res.name))
 	}
 	f.res[res.name] = res
@@ -198,6 +222,7 @@ func (f *fileWatcher) start() error {
 // while; the old secret stays served meanwhile.
 func (f *fileWatcher) run(ctx context.Context) error {
 	defer func() {
+		f.stopTimers()
 		f.mu.Lock()
 		_ = f.w.Close()
 		f.mu.Unlock()
@@ -264,29 +289,81 @@ func (f *fileWatcher) reloadAll() bool {
 	allOK := true
 	now := time.Now()
 	for _, res := range f.res {
-		content, sec, err := res.load(now)
+		content, sec, notAfter, err := res.load(now)
 		if err != nil {
 			allOK = false
 			f.metrics.secretFailures.Inc()
-			f.log.Error("certificate files changed but cannot be used; still serving the previous secret", zap.Error(err))
+			if res.last != nil {
+				f.log.Error("certificate files changed but cannot be used; still serving the previous secret", zap.Error(err))
+			} else {
+				f.log.Error("certificate files changed but cannot be used; nothing is served for them", zap.Error(err))
+			}
 			continue
 		}
 		f.watchLocked(res) // a symlink swap may point somewhere new
 		if bytes.Equal(content, res.last) {
 			continue
 		}
-		f.publishLocked(res, content, sec)
+		f.publishLocked(res, content, sec, notAfter)
 		f.log.Info("certificate files changed: pushing to Envoy", zap.String("resource", res.name))
 	}
 	return allOK
 }
 
-func (f *fileWatcher) publishLocked(res *fileResource, content []byte, sec *tlsv3.Secret) {
+// publishLocked serves a freshly loaded secret and, for a key and chain,
+// arms the timer that withdraws it at notAfter (replacing the timer of the
+// content it supersedes).
+func (f *fileWatcher) publishLocked(res *fileResource, content []byte, sec *tlsv3.Secret, notAfter time.Time) {
 	res.last = content
-	f.store.set(res.name, sec)
+	res.notAfter = notAfter
+	res.gen++
+	if res.expiry != nil {
+		res.expiry.Stop()
+		res.expiry = nil
+	}
+	f.store.set(res.name, sec, notAfter)
 	if res.name == WorkloadResource {
-		if v, err := certs.VerifyChain(sec.GetTlsCertificate().GetCertificateChain().GetInlineBytes(), certs.Check{}); err == nil {
-			f.metrics.setExpiry(v.NotAfter)
+		f.metrics.setExpiry(notAfter)
+	}
+	if notAfter.IsZero() {
+		return
+	}
+	gen := res.gen
+	res.expiry = time.AfterFunc(time.Until(notAfter), func() { f.expire(res, gen) })
+}
+
+// expire withdraws a file key and chain at its NotAfter, as the CA path
+// withdraws an expired workload certificate: new requests for it wait
+// (default) or are refused (file-cert:) until the files hold a valid one.
+// Envoys that already hold it keep it: SotW SDS cannot take a secret back,
+// and their peers refuse it. The next good files are pushed to them.
+func (f *fileWatcher) expire(res *fileResource, gen uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if res.gen != gen || res.last == nil {
+		return // reloaded or stopped since this timer was armed
+	}
+	res.last = nil
+	res.expiry = nil
+	f.store.remove(res.name)
+	if res.name == WorkloadResource {
+		f.metrics.setExpiry(time.Time{})
+	}
+	f.metrics.secretFailures.Inc()
+	f.log.Error("file certificate expired: no longer serving it; replace the files",
+		zap.String("resource", res.name), zap.String("cert", res.certPath), zap.String("key", res.keyPath),
+		zap.Time("not_after", res.notAfter))
+}
+
+// stopTimers stops every expiry timer; run calls it on the way out.
+func (f *fileWatcher) stopTimers() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, res := range f.res {
+		res.gen++
+		if res.expiry != nil {
+			res.expiry.Stop()
+			res.expiry = nil
 		}
 	}
 }

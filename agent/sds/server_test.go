@@ -42,12 +42,18 @@ func shortDir(t *testing.T) string {
 // writePair writes a fresh key and a certificate for it signed by ca.
 func writePair(t *testing.T, ca *testca.CA, certPath, keyPath string) (chain []byte, key crypto.Signer) {
 	t.Helper()
+	return writePairTTL(t, ca, certPath, keyPath, time.Hour)
+}
+
+// writePairTTL is writePair with a certificate valid for ttl from now.
+func writePairTTL(t *testing.T, ca *testca.CA, certPath, keyPath string, ttl time.Duration) (chain []byte, key crypto.Signer) {
+	t.Helper()
 	k, err := certs.GenerateKey(certs.KeyOptions{ECCSignatureAlgorithm: "ECDSA"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	kp, _ := certs.MarshalKey(k, false)
-	chain, err = ca.Sign(k.Public(), "spiffe://cluster.local/ns/files/sa/files", time.Hour)
+	chain, err = ca.Sign(k.Public(), "spiffe://cluster.local/ns/files/sa/files", ttl)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -352,4 +358,61 @@ func metricValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
 	}
 	t.Fatalf("metric %s not registered", name)
 	return 0
+}
+
+// TestExpiredFileCertRefusedToNewStreams runs on the real clock with a
+// certificate valid for one to two seconds (NotAfter has whole seconds). A
+// stream that holds it keeps it and gets the replacement; a stream that asks
+// after the expiry is refused with the file and the expiry named.
+func TestExpiredFileCertRefusedToNewStreams(t *testing.T) {
+	cfg, ca, dir := fileMounted(t)
+	fc, fk := filepath.Join(dir, "short-cert.pem"), filepath.Join(dir, "short-key.pem")
+	chain, _ := writePairTTL(t, ca, fc, fk, 2*time.Second)
+	leaf, err := certs.ParseCerts(chain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := FileCertPrefix + fc + "~" + fk
+	req := &discoveryv3.DiscoveryRequest{TypeUrl: SecretTypeURL, ResourceNames: []string{name}}
+	h := startServer(t, cfg)
+
+	holder := h.stream(t)
+	if err := holder.Send(req); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := recv(t, holder)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(secrets(t, resp)) != 1 {
+		t.Fatalf("first response %v, want the file-cert", resp)
+	}
+	if err := holder.Send(&discoveryv3.DiscoveryRequest{TypeUrl: SecretTypeURL, ResourceNames: []string{name}, VersionInfo: resp.GetVersionInfo(), ResponseNonce: resp.GetNonce()}); err != nil {
+		t.Fatal(err)
+	}
+	before := metricValue(t, h.reg, "istio_agent_num_file_secret_failures_total")
+
+	time.Sleep(time.Until(leaf[0].NotAfter) + 100*time.Millisecond)
+	late := h.stream(t)
+	if err := late.Send(req); err != nil {
+		t.Fatal(err)
+	}
+	_, err = recv(t, late)
+	st, _ := grpcstatus.FromError(err)
+	if st.Code() != codes.FailedPrecondition || !strings.Contains(st.Message(), fc) || !strings.Contains(st.Message(), "expired") {
+		t.Fatalf("request after expiry: %v, want FailedPrecondition naming %s and the expiry", err, fc)
+	}
+	if after := metricValue(t, h.reg, "istio_agent_num_file_secret_failures_total"); after <= before {
+		t.Errorf("file secret failures %v -> %v, want the expiry counted", before, after)
+	}
+
+	newChain, _ := writePair(t, ca, fc, fk)
+	resp2, err := recv(t, holder)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := secrets(t, resp2)[name]
+	if !certs.SameBytes(got.GetTlsCertificate().GetCertificateChain().GetInlineBytes(), newChain) {
+		t.Fatal("the stream holding the expired certificate did not get the fresh one")
+	}
 }

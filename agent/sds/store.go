@@ -2,6 +2,7 @@ package sds
 
 import (
 	"sync"
+	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
@@ -18,19 +19,22 @@ type store struct {
 }
 
 type storeEntry struct {
-	secret  *tlsv3.Secret
-	version uint64
+	secret   *tlsv3.Secret
+	version  uint64
+	notAfter time.Time // zero: does not expire
 }
 
 func newStore() *store {
 	return &store{entries: map[string]storeEntry{}, subs: map[chan struct{}]struct{}{}}
 }
 
-// set publishes a secret under name and pokes every subscriber.
-func (s *store) set(name string, sec *tlsv3.Secret) {
+// set publishes a secret under name and pokes every subscriber. A secret
+// with a notAfter is never returned from that instant on, even before its
+// owner withdraws it.
+func (s *store) set(name string, sec *tlsv3.Secret, notAfter time.Time) {
 	s.mu.Lock()
 	s.version++
-	s.entries[name] = storeEntry{secret: sec, version: s.version}
+	s.entries[name] = storeEntry{secret: sec, version: s.version, notAfter: notAfter}
 	s.notifyLocked()
 	s.mu.Unlock()
 }
@@ -50,6 +54,9 @@ func (s *store) get(name string) (storeEntry, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e, ok := s.entries[name]
+	if ok && !e.notAfter.IsZero() && !time.Now().Before(e.notAfter) {
+		return storeEntry{}, false
+	}
 	return e, ok
 }
 

@@ -82,9 +82,9 @@ func (w *workload) run(ctx context.Context) error {
 }
 
 func (w *workload) publish(prev, next *issued) {
-	w.store.set(WorkloadResource, keyCertSecret(WorkloadResource, next.chainPEM, next.keyPEM))
+	w.store.set(WorkloadResource, keyCertSecret(WorkloadResource, next.chainPEM, next.keyPEM), next.notAfter)
 	if prev == nil || !bytes.Equal(prev.rootsPEM, next.rootsPEM) {
-		w.store.set(RootResource, rootSecret(RootResource, next.rootsPEM))
+		w.store.set(RootResource, rootSecret(RootResource, next.rootsPEM), time.Time{})
 	}
 	w.metrics.setExpiry(next.notAfter)
 }
