@@ -470,3 +470,55 @@ func TestKernelForceApply(t *testing.T) {
 		t.Errorf("--force-apply changed the rules (-before +after):\n%s", d)
 	}
 }
+
+// TestKernelCleanupTProxyRoutesFromState: an apply with a non-default
+// TPROXY mark and table, then --cleanup-only with the default flags. The
+// policy rules and the local route are found from the marks our ISTIO_*
+// rules set, so the namespace ends as it started. Foreign policy rules, one
+// with our mark but another selector and one with another mark, survive
+// (the snapshot comparison covers them), as do their routes, and a table's
+// route stays while a foreign rule still looks the table up.
+func TestKernelCleanupTProxyRoutesFromState(t *testing.T) {
+	foreign := [][]string{
+		{"ip", "-4", "rule", "add", "from", "10.1.0.0/16", "fwmark", "1338", "lookup", "201"},
+		{"ip", "-4", "rule", "add", "fwmark", "99", "lookup", "200"},
+		{"ip", "-4", "route", "add", "local", "default", "dev", "lo", "table", "200"},
+		{"ip", "-6", "rule", "add", "fwmark", "1338/0xff", "lookup", "202"},
+		{"ip", "-6", "rule", "add", "fwmark", "99", "lookup", "200"},
+		// Table 134's route is also another rule's: it must stay.
+		{"ip", "-4", "rule", "add", "fwmark", "77", "lookup", "134"},
+		{"ip", "-4", "route", "add", "local", "default", "dev", "lo", "table", "134"},
+	}
+	for _, variant := range []string{variantNFT, variantLegacy} {
+		t.Run(variant, func(t *testing.T) {
+			ns := kernelNetns(t)
+			seedForeignRules(t, ns)
+			for _, c := range foreign {
+				nsRun(t, ns, c...)
+			}
+			before := snapshot(t, ns)
+			ctx := context.Background()
+			log, _ := testLogger()
+
+			cfg := configFor(t, goldenCase{args: append(append([]string{}, injectorArgs...), "-m", "TPROXY", "-t", "1338", "-r", "134"), ipv6: true})
+			cfg.NetworkNamespace, cfg.ForceIptablesBinary = ns, variant
+			if err := Execute(ctx, cfg, mustBuild(t, cfg), log); err != nil {
+				t.Fatalf("apply: %v", err)
+			}
+			for _, fam := range []string{"-4", "-6"} {
+				if out := nsRun(t, ns, "ip", fam, "rule", "show", "table", "134"); !strings.Contains(out, "fwmark 0x53a lookup 134") {
+					t.Fatalf("ip %s rule after apply: %q, want fwmark 0x53a lookup 134", fam, out)
+				}
+			}
+
+			other := configFor(t, goldenCase{args: injectorArgs})
+			other.NetworkNamespace, other.CleanupOnly = ns, true
+			if err := Execute(ctx, other, mustBuild(t, other), log); err != nil {
+				t.Fatalf("cleanup: %v", err)
+			}
+			if d := cmp.Diff(before, snapshot(t, ns)); d != "" {
+				t.Errorf("cleanup with default flags left state behind (-before +after):\n%s", d)
+			}
+		})
+	}
+}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strconv"
 	"strings"
 
 	goipt "github.com/coreos/go-iptables/iptables"
@@ -16,11 +18,14 @@ import (
 // other flags, or Istio's own rules, are removed too), plus the plan's
 // rules in built-in chains that jump nowhere owned (-c/-k RETURNs, TPROXY
 // marks), which only the flags can identify. One restore per backend and
-// family; each table is one atomic commit. It returns the final save
+// family; each table is one atomic commit. The TPROXY marks our rules set
+// are read from the state before it goes, so that the policy routes of an
+// apply with another -t/-r are found too (cleanupRoutes). It returns the final save
 // output per backend for the log.
 func cleanup(ctx context.Context, r *runner, cfg *Config, plan *Plan, log *zap.Logger) ([]finalState, error) {
 	var errs []error
 	var finals []finalState
+	marks := map[uint32]bool{}
 	for _, fam := range []Family{IPv4, IPv6} {
 		var rs *Ruleset
 		if fam == IPv4 {
@@ -42,6 +47,9 @@ func cleanup(ctx context.Context, r *runner, cfg *Config, plan *Plan, log *zap.L
 				log.Debug("backend not readable; nothing to clean there", zap.String("backend", b.String()), zap.Error(st.Err))
 				continue
 			}
+			for _, m := range tproxyMarks(st.St) {
+				marks[m] = true
+			}
 			input := transition(st.St, ownedBuiltin(st.St, exp), desired{})
 			if input == "" {
 				finals = append(finals, finalState{B: b, Save: st.Raw})
@@ -62,10 +70,44 @@ func cleanup(ctx context.Context, r *runner, cfg *Config, plan *Plan, log *zap.L
 			finals = append(finals, finalState{B: b, Save: after.Raw})
 		}
 	}
-	if err := cleanupRoutes(ctx, r, cfg, plan); err != nil {
+	if err := cleanupRoutes(ctx, r, cfg, plan, marks, log); err != nil {
 		errs = append(errs, err)
 	}
 	return finals, errors.Join(errs...)
+}
+
+// tproxyMarks returns the marks our TPROXY rules set in st: "-j MARK
+// --set-xmark M/..." in mangle ISTIO_DIVERT and "-j TPROXY ... --tproxy-mark
+// M/..." in mangle ISTIO_TPROXY (iptables-save's spellings; the -t flag's
+// mark). The policy rules "fwmark M lookup T" exist for these marks.
+func tproxyMarks(st *savedState) []uint32 {
+	t := st.table("mangle")
+	if t == nil {
+		return nil
+	}
+	var out []uint32
+	for _, r := range t.Rules {
+		var opts []string
+		switch r.Chain {
+		case ChainDivert:
+			opts = []string{"--set-xmark", "--set-mark"}
+		case ChainTProxy:
+			opts = []string{"--tproxy-mark"}
+		default:
+			continue
+		}
+		f := strings.Fields(r.Spec)
+		for i := 0; i+1 < len(f); i++ {
+			if !slices.Contains(opts, f[i]) {
+				continue
+			}
+			v, _, _ := strings.Cut(f[i+1], "/")
+			if m, err := strconv.ParseUint(v, 0, 32); err == nil && m != 0 {
+				out = append(out, uint32(m))
+			}
+		}
+	}
+	return out
 }
 
 // missingBuiltin is the safety net behind the canonical comparison: a

@@ -3,8 +3,12 @@ package iptables
 import (
 	"context"
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"time"
+
+	"go.uber.org/zap"
 )
 
 // ipBatch runs "ip -4|-6 -force -batch -" with lines: one exec for all of
@@ -79,30 +83,48 @@ func applyRoutes(ctx context.Context, r *runner, plan *Plan) error {
 	return nil
 }
 
-// cleanupRoutes removes every copy of the fwmark rules and the local routes
-// for cfg's mark and table in both families (whatever the mode: a pod may
-// have switched from TPROXY), and the loopback addresses the plan adds.
-// It only execs "ip" when there is something to remove.
-func cleanupRoutes(ctx context.Context, r *runner, cfg *Config, plan *Plan) error {
-	seen := map[PolicyRoute]bool{}
-	lines := map[Family][]string{}
-	add := func(rt PolicyRoute) {
-		if seen[rt] {
-			return
-		}
-		seen[rt] = true
-		for range countFwmarkRules(rt) {
-			lines[rt.Family] = append(lines[rt.Family], ruleLine("del", rt))
-		}
-		if hasLocalDefault(rt) {
-			lines[rt.Family] = append(lines[rt.Family], routeLine("del", rt))
-		}
-	}
+// cleanupRoutes removes, in both families (whatever the mode: a pod may
+// have switched from TPROXY), every plain "from all fwmark M lookup T" rule
+// whose mark is one that our ISTIO_* rules set (marks, read from the
+// iptables state before it was removed, so a cleanup with default flags
+// finds an apply's -t/-r), plus every copy of the rule the flags name
+// (cfg's mark and table, and the plan's routes); then the "local default
+// dev lo" route of each table those rules looked up, unless another rule
+// still looks that table up; and the loopback addresses the plan adds.
+// Rules with another mark, or with a selector we never add, are not
+// touched. It only execs "ip" when there is something to remove.
+func cleanupRoutes(ctx context.Context, r *runner, cfg *Config, plan *Plan, marks map[uint32]bool, log *zap.Logger) error {
+	named := map[PolicyRoute]bool{}
 	for _, rt := range plan.Routes {
-		add(rt)
+		named[rt] = true
 	}
+	lines := map[Family][]string{}
 	for _, fam := range []Family{IPv4, IPv6} {
-		add(PolicyRoute{Family: fam, Mark: cfg.InboundTProxyMark, Table: cfg.InboundTProxyRouteTable})
+		named[PolicyRoute{Family: fam, Mark: cfg.InboundTProxyMark, Table: cfg.InboundTProxyRouteTable}] = true
+		tables := map[int]bool{} // tables whose local route may go
+		for rt := range named {
+			if rt.Family == fam {
+				tables[rt.Table] = true
+			}
+		}
+		kept := map[int]bool{} // tables a rule we keep looks up
+		for _, pr := range policyRules(fam) {
+			if pr.Plain && (marks[pr.Mark] || named[PolicyRoute{Family: fam, Mark: pr.Mark, Table: pr.Table}]) {
+				lines[fam] = append(lines[fam], fmt.Sprintf("rule del pref %d fwmark %d lookup %d", pr.Pref, pr.Mark, pr.Table))
+				tables[pr.Table] = true
+				continue
+			}
+			kept[pr.Table] = true
+		}
+		for _, table := range slices.Sorted(maps.Keys(tables)) {
+			rt := PolicyRoute{Family: fam, Table: table}
+			if !kept[table] && !reservedTable(table) && hasLocalDefault(rt) {
+				lines[fam] = append(lines[fam], routeLine("del", rt))
+			}
+		}
+	}
+	if n := len(lines[IPv4]) + len(lines[IPv6]); n > 0 {
+		log.Info("removing TPROXY policy routes", zap.Strings("ipv4", lines[IPv4]), zap.Strings("ipv6", lines[IPv6]))
 	}
 	addrs := append(plan.LoopbackAddrs[:len(plan.LoopbackAddrs):len(plan.LoopbackAddrs)], passthroughV6)
 	done := map[string]bool{}
@@ -126,4 +148,10 @@ func cleanupRoutes(ctx context.Context, r *runner, cfg *Config, plan *Plan) erro
 		return fmt.Errorf("remove policy routes: %s", strings.Join(errs, "; "))
 	}
 	return nil
+}
+
+// reservedTable reports the kernel's own tables (unspec, default, main,
+// local), whose routes a cleanup never removes.
+func reservedTable(t int) bool {
+	return t == 0 || t >= 253 && t <= 255
 }

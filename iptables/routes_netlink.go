@@ -13,11 +13,7 @@ import (
 // which keeps re-runs and cleanups of REDIRECT pods (nothing to remove)
 // cheap. Changes still go through "ip", whose messages users know.
 
-const (
-	fraTable  = 15 // FRA_TABLE
-	fraFwmark = 10 // FRA_FWMARK
-	rtaTable  = 15 // RTA_TABLE
-)
+const rtaTable = 15 // RTA_TABLE
 
 func afOf(f Family) int {
 	if f == IPv6 {
@@ -66,25 +62,64 @@ func tableOf(hdrTable uint8, attrs map[uint16][]byte, attr uint16) int {
 	return int(hdrTable)
 }
 
-// countFwmarkRules counts "from all fwmark M lookup T" rules. A family the
-// kernel lacks has none.
-func countFwmarkRules(rt PolicyRoute) int {
-	msgs, err := dump(unix.RTM_GETRULE, afOf(rt.Family))
+// policyRule is one policy routing rule as the kernel dumps it.
+type policyRule struct {
+	Pref  uint32
+	Mark  uint32
+	Table int
+	// Plain is set when the rule has exactly the shape applyRoutes adds,
+	// "from all fwmark M lookup T": a mark with a full mask and no other
+	// selector (source, destination, tos, interface, uid, port, inversion,
+	// suppressor). Any rule with more is someone else's.
+	Plain bool
+}
+
+// policyRules dumps fam's policy rules. A family the kernel lacks has none.
+func policyRules(fam Family) []policyRule {
+	msgs, err := dump(unix.RTM_GETRULE, afOf(fam))
 	if err != nil {
-		return 0
+		return nil
 	}
-	n := 0
+	var out []policyRule
 	for _, m := range msgs {
 		if m.Header.Type != unix.RTM_NEWRULE || len(m.Data) < 12 {
 			continue
 		}
-		// struct fib_rule_hdr: family, dst_len, src_len, tos, table, ...
-		if m.Data[2] != 0 {
-			continue
-		}
+		// struct fib_rule_hdr: family, dst_len, src_len, tos, table,
+		// res1, res2, action, flags (u32).
 		attrs := rtAttrs(m.Data, 12)
-		mark, ok := attrs[fraFwmark]
-		if ok && len(mark) >= 4 && binary.NativeEndian.Uint32(mark) == rt.Mark && tableOf(m.Data[4], attrs, fraTable) == rt.Table {
+		pr := policyRule{Table: tableOf(m.Data[4], attrs, unix.FRA_TABLE)}
+		if v, ok := attrs[unix.FRA_PRIORITY]; ok && len(v) >= 4 {
+			pr.Pref = binary.NativeEndian.Uint32(v)
+		}
+		if v, ok := attrs[unix.FRA_FWMARK]; ok && len(v) >= 4 {
+			pr.Mark = binary.NativeEndian.Uint32(v)
+		}
+		pr.Plain = pr.Mark != 0 && m.Data[1] == 0 && m.Data[2] == 0 && m.Data[3] == 0 &&
+			m.Data[7] == unix.FR_ACT_TO_TBL && binary.NativeEndian.Uint32(m.Data[8:12])&unix.FIB_RULE_INVERT == 0
+		for typ, v := range attrs {
+			switch typ {
+			case unix.FRA_TABLE, unix.FRA_PRIORITY, unix.FRA_FWMARK, unix.FRA_PROTOCOL:
+			case unix.FRA_FWMASK, unix.FRA_SUPPRESS_PREFIXLEN:
+				// Dumped always (suppressor: -1 when unset) or with the
+				// mark (mask: all ones when none was given).
+				if len(v) < 4 || binary.NativeEndian.Uint32(v) != 0xffffffff {
+					pr.Plain = false
+				}
+			default:
+				pr.Plain = false
+			}
+		}
+		out = append(out, pr)
+	}
+	return out
+}
+
+// countFwmarkRules counts the plain "from all fwmark M lookup T" rules.
+func countFwmarkRules(rt PolicyRoute) int {
+	n := 0
+	for _, pr := range policyRules(rt.Family) {
+		if pr.Plain && pr.Mark == rt.Mark && pr.Table == rt.Table {
 			n++
 		}
 	}
