@@ -89,14 +89,8 @@ func newLastGood() *lastGood {
 	return &lastGood{sotw: map[string]cachedResource{}, delta: map[string]map[string]cachedResource{}, ndsVersions: map[string]string{}}
 }
 
-// cacheNonce returns a nonce that cannot be mistaken for the control
+// cacheNonceLocked returns a nonce that cannot be mistaken for the control
 // plane's: Envoy's ACKs of cached responses are recognised and kept local.
-func (c *lastGood) cacheNonce() string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.cacheNonceLocked()
-}
-
 func (c *lastGood) cacheNonceLocked() string {
 	c.seq++
 	return "outrigger-cache-" + strconv.FormatUint(c.seq, 10)

@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"google.golang.org/grpc"
@@ -440,29 +439,6 @@ func (ps *pushServer) DeltaAggregatedResources(st discovery.AggregatedDiscoveryS
 	}
 	<-st.Context().Done()
 	return nil
-}
-
-// paddingOf returns the padding length of the named cluster in r, or -1.
-func paddingOf(t *testing.T, r *controlplane.Response, name string) int {
-	t.Helper()
-	var anys []*anypb.Any
-	if r.Sotw != nil {
-		anys = r.Sotw.GetResources()
-	} else {
-		for _, res := range r.Delta.GetResources() {
-			anys = append(anys, res.GetResource())
-		}
-	}
-	for _, a := range anys {
-		c := &cluster.Cluster{}
-		if err := a.UnmarshalTo(c); err != nil {
-			t.Fatal(err)
-		}
-		if c.GetName() == name {
-			return len(c.GetMetadata().GetFilterMetadata()["istio"].GetFields()["padding"].GetStringValue())
-		}
-	}
-	return -1
 }
 
 func listenTCP(addr string) (net.Listener, error) { return net.Listen("tcp", addr) }

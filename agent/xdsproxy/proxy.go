@@ -87,9 +87,6 @@ func (p *Proxy) Run(ctx context.Context) error {
 		grpc.MaxRecvMsgSize(maxMsgSize),
 		grpc.MaxSendMsgSize(maxMsgSize),
 		grpc.MaxConcurrentStreams(100000),
-		// The write buffer goes back to a pool while the connection is
-		// idle, which Envoy's connection mostly is.
-		grpc.SharedWriteBuffer(true),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: p.cfg.KeepaliveInterval, Timeout: p.cfg.KeepaliveTimeout}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 15 * time.Second, PermitWithoutStream: true}),
 	)

@@ -56,7 +56,6 @@ func (p *Proxy) dial() (*grpc.ClientConn, error) {
 		}),
 		grpc.WithInitialWindowSize(upstreamWindow),
 		grpc.WithInitialConnWindowSize(upstreamWindow),
-		grpc.WithSharedWriteBuffer(true),
 		grpc.WithDefaultCallOptions(
 			grpc.MaxCallRecvMsgSize(maxMsgSize),
 			grpc.MaxCallSendMsgSize(maxMsgSize),
