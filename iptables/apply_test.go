@@ -13,6 +13,8 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/outrigger-mesh/outrigger/internal/netstate"
 )
 
 // These tests run the real iptables tools against the kernel in a fresh
@@ -51,6 +53,14 @@ func nsRun(t testing.TB, ns string, args ...string) string {
 	return out
 }
 
+// snapshot is everything a run may touch, as text (see netstate).
+func snapshot(t testing.TB, ns string) string {
+	t.Helper()
+	return netstate.Snapshot(func(name string, args ...string) (string, error) {
+		return nsRunErr(ns, append([]string{name}, args...)...)
+	})
+}
+
 func nsRunErr(ns string, args ...string) (string, error) {
 	cmd := exec.Command("ip", append([]string{"netns", "exec", nsName(ns)}, args...)...)
 	var stderr strings.Builder
@@ -60,55 +70,6 @@ func nsRunErr(ns string, args ...string) (string, error) {
 		return string(out), fmt.Errorf("%w: %s", err, stderr.String())
 	}
 	return string(out), nil
-}
-
-// snapshot is everything a run may touch, as text: both backends' save
-// output for both families and the policy routing state. Comments,
-// counters and tables that hold nothing (no rule, no user chain: legacy
-// tables cannot be removed from a namespace once created, and iptables-nft
-// keeps its base chains) are left out.
-func snapshot(t testing.TB, ns string) string {
-	t.Helper()
-	var b strings.Builder
-	for _, tool := range []string{"iptables-legacy-save", "iptables-nft-save", "ip6tables-legacy-save", "ip6tables-nft-save"} {
-		out, err := nsRunErr(ns, tool)
-		if err != nil {
-			out = "error: " + err.Error()
-		}
-		b.WriteString("== " + tool + "\n" + effective(out))
-	}
-	for _, c := range [][]string{{"ip", "-4", "rule"}, {"ip", "-6", "rule"}, {"ip", "-4", "route", "show", "table", "all"}, {"ip", "-6", "route", "show", "table", "all"}, {"ip", "addr", "show", "dev", "lo"}} {
-		out, _ := nsRunErr(ns, c...)
-		b.WriteString("== " + strings.Join(c, " ") + "\n" + out)
-	}
-	return b.String()
-}
-
-// effective drops comments, counters and tables that hold nothing.
-func effective(save string) string {
-	var b strings.Builder
-	var table []string
-	keep := false
-	for _, l := range strings.Split(save, "\n") {
-		switch {
-		case l == "" || strings.HasPrefix(l, "#"):
-		case strings.HasPrefix(l, "*"):
-			table, keep = []string{l}, false
-		case l == "COMMIT":
-			if keep {
-				b.WriteString(strings.Join(append(table, l), "\n") + "\n")
-			}
-		case strings.HasPrefix(l, ":"):
-			f := strings.Fields(l)
-			table = append(table, f[0]+" "+f[1])
-			if !builtinChains[strings.TrimPrefix(f[0], ":")] || f[1] != "ACCEPT" {
-				keep = true
-			}
-		default:
-			table, keep = append(table, l), true
-		}
-	}
-	return b.String()
 }
 
 func testLogger() (*zap.Logger, *observer.ObservedLogs) {

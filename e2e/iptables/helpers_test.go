@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/outrigger-mesh/outrigger/e2e/internal/testenv"
+	"github.com/outrigger-mesh/outrigger/internal/netstate"
 	"github.com/outrigger-mesh/outrigger/iptables"
 )
 
@@ -204,49 +205,9 @@ func resolvConf(t testing.TB, ns *testenv.Netns, servers ...string) {
 	}
 }
 
-// snapshot is the namespace's capture state as text: both backends' save
-// output per family (comments, counters and tables holding nothing
-// dropped: legacy tables cannot be removed once created, nft keeps base
-// chains), policy rules, all routes and lo's addresses.
+// snapshot is everything an istio-iptables run may touch in ns, as text
+// (see netstate).
 func snapshot(t testing.TB, ns *testenv.Netns) string {
 	t.Helper()
-	var b strings.Builder
-	for _, tool := range []string{"iptables-legacy-save", "iptables-nft-save", "ip6tables-legacy-save", "ip6tables-nft-save"} {
-		out, err := ns.RunErr(tool)
-		if err != nil {
-			out = "error: " + err.Error()
-		}
-		b.WriteString("== " + tool + "\n" + effective(out))
-	}
-	for _, c := range [][]string{{"ip", "-4", "rule"}, {"ip", "-6", "rule"}, {"ip", "-4", "route", "show", "table", "all"}, {"ip", "-6", "route", "show", "table", "all"}, {"ip", "addr", "show", "dev", "lo"}} {
-		out, _ := ns.RunErr(c[0], c[1:]...)
-		b.WriteString("== " + strings.Join(c, " ") + "\n" + out)
-	}
-	return b.String()
-}
-
-func effective(save string) string {
-	var b strings.Builder
-	var table []string
-	keep := false
-	for _, l := range strings.Split(save, "\n") {
-		switch {
-		case l == "" || strings.HasPrefix(l, "#"):
-		case strings.HasPrefix(l, "*"):
-			table, keep = []string{l}, false
-		case l == "COMMIT":
-			if keep {
-				b.WriteString(strings.Join(append(table, l), "\n") + "\n")
-			}
-		case strings.HasPrefix(l, ":"):
-			f := strings.Fields(l)
-			table = append(table, f[0]+" "+f[1])
-			if strings.HasPrefix(f[0], ":ISTIO") || f[1] != "ACCEPT" {
-				keep = true
-			}
-		default:
-			table, keep = append(table, l), true
-		}
-	}
-	return b.String()
+	return netstate.Snapshot(ns.RunErr)
 }

@@ -86,6 +86,10 @@ func (p *Pod) setup(ctx context.Context) (string, error) {
 	}
 	veth := "orv" + p.id
 	cmds := [][]string{
+		// No duplicate address detection: the interfaces' link-local
+		// addresses settle at once, so the before/after snapshots compare
+		// the capture state, not the kernel's IPv6 timing.
+		{"ip", "netns", "exec", pod, "sysctl", "-q", "-w", "net.ipv6.conf.default.accept_dad=0"},
 		{"ip", "link", "add", veth, "type", "veth", "peer", "name", veth + "p"},
 		{"ip", "link", "set", veth, "netns", pod},
 		{"ip", "link", "set", veth + "p", "netns", peer},
@@ -134,6 +138,15 @@ func (p *Pod) setup(ctx context.Context) (string, error) {
 		return "", err
 	}
 	if err := os.Chmod(p.dir, 0o755); err != nil {
+		return "", err
+	}
+	if err := poll(ctx, 5*time.Second, func() error {
+		out, err := p.InPod(ctx, "ip", "-6", "route", "show", "table", "local")
+		if err != nil || !strings.Contains(out, "fe80::") {
+			return fmt.Errorf("pod's IPv6 link-local address not up yet: %v", err)
+		}
+		return nil
+	}); err != nil {
 		return "", err
 	}
 	state, err := p.iptablesState(ctx)
