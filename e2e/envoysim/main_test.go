@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"fmt"
 	"io"
 	"net"
@@ -9,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,6 +16,8 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/outrigger-mesh/outrigger/e2e/envoysim/controlplane"
+
+	"github.com/outrigger-mesh/outrigger/e2e/internal/testenv"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -53,24 +53,6 @@ func bootstrapJSON(socket, apiType string, extra string) string {
     }]
   }%s
 }`, apiType, socket, extra)
-}
-
-// syncBuffer is a goroutine-safe log sink.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func TestCommandLineAndBootstrapErrors(t *testing.T) {
@@ -114,7 +96,7 @@ func TestCommandLineAndBootstrapErrors(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			var out syncBuffer
+			var out testenv.Buffer
 			got := run(tt.args, &out, &out)
 			if got != tt.want {
 				t.Errorf("exit = %d, want %d; output:\n%s", got, tt.want, out.String())
@@ -128,7 +110,7 @@ func TestCommandLineAndBootstrapErrors(t *testing.T) {
 
 type simRun struct {
 	admin string
-	out   *syncBuffer
+	out   *testenv.Buffer
 	done  chan int
 }
 
@@ -140,7 +122,7 @@ func startSim(t *testing.T, bootstrap string, args ...string) *simRun {
 		t.Fatal(err)
 	}
 	addrFile := filepath.Join(dir, "admin")
-	r := &simRun{out: &syncBuffer{}, done: make(chan int, 1)}
+	r := &simRun{out: &testenv.Buffer{}, done: make(chan int, 1)}
 	go func() {
 		r.done <- run(append([]string{"-c", bs, "--drain-time-s", "1", "--admin-address-path", addrFile}, args...), r.out, r.out)
 	}()

@@ -18,6 +18,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/outrigger-mesh/outrigger/e2e/internal/testenv"
 )
 
 // Addresses of the two namespaces: the pod, and a peer standing for the
@@ -65,7 +67,7 @@ type Pod struct {
 
 type proc struct {
 	cmd  *exec.Cmd
-	out  *syncBuffer
+	out  *testenv.Buffer
 	done chan struct{}
 	err  error
 }
@@ -129,7 +131,7 @@ func (p *Pod) start(name, role string, uid int, env []string, dir string, argv .
 	}
 	cmd := exec.Command("ip", append(args, argv...)...)
 	cmd.Dir = dir
-	out := &syncBuffer{}
+	out := &testenv.Buffer{}
 	w := io.MultiWriter(out, prefixWriter(p.log, "    | "+name+": "))
 	cmd.Stdout, cmd.Stderr = w, w
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -216,23 +218,6 @@ func poll(ctx context.Context, timeout time.Duration, fn func() error) error {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // prefixWriter prefixes every line written to w.

@@ -4,7 +4,6 @@
 package proxy
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -16,7 +15,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -34,29 +32,11 @@ const (
 	nodeID     = "sidecar~" + instanceIP + "~app-0.demo~demo.svc.cluster.local"
 )
 
-// syncBuffer collects the agent's output.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 type agent struct {
 	ns     *testenv.Netns
 	dir    string
 	cmd    *exec.Cmd
-	out    *syncBuffer
+	out    *testenv.Buffer
 	done   chan struct{}
 	err    error
 	record string
@@ -98,7 +78,7 @@ func startAgent(t testing.TB, o agentOpts) *agent {
 		}
 		pc = fmt.Sprintf(`{"binaryPath": %q, "concurrency": 2%s}`, sim, extra)
 	}
-	a := &agent{ns: ns, dir: dir, out: &syncBuffer{}, done: make(chan struct{}), record: filepath.Join(dir, "envoysim.record")}
+	a := &agent{ns: ns, dir: dir, out: &testenv.Buffer{}, done: make(chan struct{}), record: filepath.Join(dir, "envoysim.record")}
 	args := append([]string{"proxy", "sidecar", "--domain", "demo.svc.cluster.local", "--proxyLogLevel=warning"}, o.args...)
 	a.cmd = ns.Command(bin, args...)
 	a.cmd.Dir = dir

@@ -6,7 +6,6 @@
 package simtest
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -20,7 +19,6 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -58,28 +56,10 @@ type Sim struct {
 	AdminSocket string
 	client      *http.Client
 	cmd         *exec.Cmd
-	stdout      *Buffer
-	stderr      *Buffer
+	stdout      *testenv.Buffer
+	stderr      *testenv.Buffer
 	done        chan struct{}
 	exitErr     error
-}
-
-// Buffer is a goroutine-safe output sink.
-type Buffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *Buffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *Buffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 // SharedDir returns a temporary directory that uid 1337 can use (mode
@@ -129,7 +109,7 @@ func Start(t testing.TB, bootstrap string, o Options) *Sim {
 	if err := os.WriteFile(bs, []byte(bootstrap), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	s := &Sim{AdminSocket: filepath.Join(dir, AdminSocketName), stdout: &Buffer{}, stderr: &Buffer{}, done: make(chan struct{})}
+	s := &Sim{AdminSocket: filepath.Join(dir, AdminSocketName), stdout: &testenv.Buffer{}, stderr: &testenv.Buffer{}, done: make(chan struct{})}
 	s.client = &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
 		DisableKeepAlives: true,
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
