@@ -27,8 +27,10 @@ import (
 const (
 	adsSotwMethod  = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 	adsDeltaMethod = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
-	// Istio's flow-control windows for the upstream connection.
-	upstreamWindow = 1 << 20
+	// Receive windows of the upstream connection. They bound what a slow
+	// Envoy can make the agent buffer beyond the messages it holds (the
+	// slow-Envoy test fails at 16 MiB), so they stay moderate.
+	upstreamWindow = 4 << 20
 )
 
 var adsStreamDesc = grpc.StreamDesc{ServerStreams: true, ClientStreams: true}

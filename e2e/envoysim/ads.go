@@ -126,6 +126,8 @@ func newADS(s *sim) (*ads, error) {
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, network, address)
 		}),
+		// Envoy's default HTTP/2 windows (256 MiB stream and connection).
+		grpc.WithInitialWindowSize(256<<20), grpc.WithInitialConnWindowSize(256<<20),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(1<<30)))
 	if err != nil {
 		return nil, fmt.Errorf("ads: %w", err)
