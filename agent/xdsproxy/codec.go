@@ -65,6 +65,8 @@ type frame struct {
 	// Set by the proxy, not the wire: the upstream stream generation the
 	// frame came from (0 = served from the last-known-good cache).
 	gen uint64
+	// g is set on a frame forwarded while it arrives (cutthrough.go).
+	g *growth
 }
 
 // resourceRef locates one resource in its frame.

@@ -161,14 +161,14 @@ func (p *Proxy) unregister(s *session) {
 type adsServer struct{ p *Proxy }
 
 func (a adsServer) StreamAggregatedResources(stream discovery.AggregatedDiscoveryService_StreamAggregatedResourcesServer) error {
-	return a.p.serve(stream, false)
+	return a.p.serve(grpcDown{stream}, false)
 }
 
 func (a adsServer) DeltaAggregatedResources(stream discovery.AggregatedDiscoveryService_DeltaAggregatedResourcesServer) error {
-	return a.p.serve(stream, true)
+	return a.p.serve(grpcDown{stream}, true)
 }
 
-func (p *Proxy) serve(stream grpc.ServerStream, delta bool) error {
+func (p *Proxy) serve(stream downstream, delta bool) error {
 	s := newSession(p, stream, delta)
 	p.register(s)
 	defer p.unregister(s)

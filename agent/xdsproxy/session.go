@@ -12,7 +12,6 @@ import (
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"go.uber.org/zap"
-	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/outrigger-mesh/outrigger/internal/nds"
@@ -46,7 +45,7 @@ type session struct {
 	log    *zap.Logger
 	delta  bool
 	id     uint64
-	down   grpc.ServerStream
+	down   downstream
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 
@@ -91,7 +90,7 @@ type typeState struct {
 	has      map[string]string
 }
 
-func newSession(p *Proxy, down grpc.ServerStream, delta bool) *session {
+func newSession(p *Proxy, down downstream, delta bool) *session {
 	ctx, cancel := context.WithCancelCause(down.Context())
 	s := &session{
 		p: p, delta: delta, down: down, ctx: ctx, cancel: cancel,
@@ -226,8 +225,12 @@ func (s *session) writeEnvoy() {
 			s.mu.Unlock()
 
 			start := time.Now()
-			err := s.down.SendMsg(f)
+			err := s.down.SendFrame(f)
 			f.release()
+			if errors.Is(err, errFrameAborted) {
+				s.log.Warn("dropped a response whose upstream stream failed before it was forwarded", zap.String("type", t))
+				continue
+			}
 			if err != nil {
 				s.cancel(err)
 				return
@@ -375,23 +378,18 @@ var errStalled = errors.New("no response from the control plane within the stall
 // the control plane sent anything on it.
 func (s *session) runUpstream() (answered bool, err error) {
 	p := s.p
-	conn, err := p.dial()
-	if err != nil {
-		p.metrics.connFailures.Inc()
-		return false, err
-	}
-	defer conn.Close()
 	ctx, cancel := context.WithCancelCause(s.ctx)
 	defer cancel(nil)
 	method := adsSotwMethod
 	if s.delta {
 		method = adsDeltaMethod
 	}
-	stream, err := p.openStream(ctx, conn, method)
+	stream, err := p.openUpstream(ctx, method)
 	if err != nil {
 		p.metrics.connFailures.Inc()
 		return false, err
 	}
+	defer stream.Close()
 
 	s.mu.Lock()
 	s.genSeq++
@@ -450,7 +448,7 @@ func (s *session) runUpstream() (answered bool, err error) {
 
 // writeUpstream sends queued requests; the first on a stream carries the
 // node, since Envoy sends it only once per stream.
-func (s *session) writeUpstream(ctx context.Context, stream grpc.ClientStream) error {
+func (s *session) writeUpstream(ctx context.Context, stream upstream) error {
 	for {
 		select {
 		case <-ctx.Done():
@@ -517,11 +515,12 @@ func expectsAnswer(req proto.Message) bool {
 }
 
 // readUpstream receives responses and routes them: the name table to the
-// DNS handler, Envoy's types to Envoy.
-func (s *session) readUpstream(ctx context.Context, stream grpc.ClientStream, gen uint64) (answered bool, err error) {
+// DNS handler, Envoy's types to Envoy. A large response of Envoy's types
+// may be queued for Envoy while it still arrives (cutthrough.go).
+func (s *session) readUpstream(ctx context.Context, stream upstream, gen uint64) (answered bool, err error) {
 	for {
-		f := &frame{delta: s.delta}
-		if err := stream.RecvMsg(f); err != nil {
+		f, err := stream.RecvFrame(s.delta)
+		if err != nil {
 			return answered, err
 		}
 		answered = true
@@ -530,15 +529,17 @@ func (s *session) readUpstream(ctx context.Context, stream grpc.ClientStream, ge
 		s.p.lastConfig.Store(now.UnixNano())
 		s.p.unreachable.Store(false)
 		s.p.metrics.lastConfig.Set(float64(now.UnixNano()) / 1e9)
-		s.p.metrics.responses.WithLabelValues(shortType(f.typeURL)).Inc()
 		s.mu.Lock()
 		s.awaiting = time.Time{}
 		s.mu.Unlock()
-		if ce := s.log.Check(zap.DebugLevel, "response from upstream"); ce != nil {
-			ce.Write(zap.String("type", shortType(f.typeURL)), zap.String("version", f.version),
-				zap.String("nonce", f.nonce), zap.Int("resources", len(f.resources)), zap.Int("bytes", f.size))
-		}
 
+		if f.growing() {
+			if err := s.forwardGrowing(ctx, f); err != nil {
+				return answered, err
+			}
+			continue
+		}
+		s.logResponse(f)
 		switch {
 		case f.typeURL == nds.TypeURL:
 			s.handleNDS(f)
@@ -554,6 +555,43 @@ func (s *session) readUpstream(ctx context.Context, stream grpc.ClientStream, ge
 				return answered, context.Cause(ctx)
 			}
 		}
+	}
+}
+
+// forwardGrowing queues a response that is still arriving, then reads the
+// rest of it. Its envelope is set under the session's lock before its last
+// bytes can reach Envoy, so Envoy's answer always finds it.
+func (s *session) forwardGrowing(ctx context.Context, f *frame) error {
+	f.hold() // the filler's reference
+	defer f.release()
+	s.mu.Lock()
+	ok := s.queueDownLocked(ctx, f)
+	s.mu.Unlock()
+	if !ok {
+		f.abort(context.Cause(ctx))
+		return context.Cause(ctx)
+	}
+	err := f.g.fill(func(env *frame) {
+		s.mu.Lock()
+		f.setEnvelope(env)
+		s.mu.Unlock()
+	})
+	if err != nil {
+		return err
+	}
+	s.logResponse(f)
+	return nil
+}
+
+func (s *session) logResponse(f *frame) {
+	s.p.metrics.responses.WithLabelValues(shortType(f.typeURL)).Inc()
+	if ce := s.log.Check(zap.DebugLevel, "response from upstream"); ce != nil {
+		s.mu.Lock()
+		version, nonce, n := f.version, f.nonce, len(f.resources)
+		s.mu.Unlock()
+		ce.Write(zap.String("type", shortType(f.typeURL)), zap.String("version", version),
+			zap.String("nonce", nonce), zap.Int("resources", n), zap.Int("bytes", f.size),
+			zap.Bool("cutThrough", f.growing()))
 	}
 }
 

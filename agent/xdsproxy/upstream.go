@@ -75,6 +75,20 @@ func (p *Proxy) dial() (*grpc.ClientConn, error) {
 	return conn, nil
 }
 
+// openUpstream connects and opens an ADS stream over grpc-go.
+func (p *Proxy) openUpstream(ctx context.Context, method string) (upstream, error) {
+	conn, err := p.dial()
+	if err != nil {
+		return nil, err
+	}
+	stream, err := p.openStream(ctx, conn, method)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return grpcUp{conn: conn, stream: stream}, nil
+}
+
 // openStream starts an ADS stream on conn with the ClusterID and
 // XDS_HEADER_* metadata. It waits at most ConnectTimeout for the
 // connection to come up.

@@ -1,0 +1,443 @@
+package xdsproxy
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+)
+
+// Cut-through forwarding.
+//
+// A large response (a 3000-service CDS push is 7 MB) is not received whole
+// before it is sent on: once the first bytes tell its type, the frame is
+// queued for Envoy and its writer sends the bytes as they arrive, while the
+// upstream reader keeps appending. Only the last chunk is held back until
+// the whole message is parsed, so the envelope (nonce, version, resources)
+// is known before Envoy can answer it.
+
+const (
+	// cutThroughMin is the message size from which responses are forwarded
+	// while they arrive. Smaller ones are received whole: they cost less
+	// than the bookkeeping.
+	cutThroughMin = 64 << 10
+	// chunkSize is the most one read from the upstream stream takes.
+	chunkSize = 32 << 10
+	// sniffMax is how much of a message the type must be read from.
+	sniffMax = 4 << 10
+)
+
+var (
+	// errFrameAborted: the frame's upstream stream failed before the
+	// writer sent any of it; the writer skips it.
+	errFrameAborted = errors.New("response aborted before it was sent")
+	bufPool         = mem.DefaultBufferPool()
+)
+
+// growth is the state of a frame that is still arriving.
+type growth struct {
+	mu   sync.Mutex
+	cond *sync.Cond
+	have int  // bytes appended so far
+	pub  int  // buffers of frame.data the writer may send
+	done bool // the whole message is published and its envelope set
+	err  error
+	// fill reads the rest of the message; finalize is called with the
+	// parsed envelope before the last chunk is published.
+	fill func(finalize func(env *frame)) error
+}
+
+// growing reports whether f is (or was) forwarded while arriving.
+func (f *frame) growing() bool { return f.g != nil }
+
+// next waits until buffers beyond the first sent are published and
+// returns them; done reports that they complete the message.
+func (f *frame) next(sent int) (bufs mem.BufferSlice, done bool, err error) {
+	g := f.g
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for g.pub <= sent && !g.done && g.err == nil {
+		g.cond.Wait()
+	}
+	if g.err != nil {
+		if sent == 0 {
+			return nil, false, errFrameAborted
+		}
+		return nil, false, g.err
+	}
+	return f.data[sent:g.pub], g.done, nil
+}
+
+// appendChunk adds a received buffer; it is published at once unless it
+// completes the message.
+func (f *frame) appendChunk(b mem.Buffer) (complete bool) {
+	g := f.g
+	g.mu.Lock()
+	f.starts = append(f.starts, g.have)
+	f.data = append(f.data, b)
+	g.have += b.Len()
+	complete = g.have == f.size
+	if !complete {
+		g.pub = len(f.data)
+		g.cond.Broadcast()
+	}
+	g.mu.Unlock()
+	return complete
+}
+
+// finish publishes the rest of the message.
+func (f *frame) finish() {
+	g := f.g
+	g.mu.Lock()
+	g.pub, g.done = len(f.data), true
+	g.cond.Broadcast()
+	g.mu.Unlock()
+}
+
+// abort ends a growing frame with err: a writer that has sent part of it
+// fails its stream, one that has not skips it.
+func (f *frame) abort(err error) {
+	g := f.g
+	g.mu.Lock()
+	if !g.done && g.err == nil {
+		g.err = err
+	}
+	g.cond.Broadcast()
+	g.mu.Unlock()
+}
+
+// wait blocks until a growing frame is complete.
+func (f *frame) wait() error {
+	g := f.g
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for !g.done && g.err == nil {
+		g.cond.Wait()
+	}
+	if g.err != nil {
+		return errFrameAborted
+	}
+	return nil
+}
+
+// readMessageHeader reads a gRPC message prefix and returns the length.
+func readMessageHeader(r io.Reader, max int) (int, error) {
+	var hdr [5]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		if errors.Is(err, io.ErrUnexpectedEOF) {
+			return 0, status.Error(codes.Internal, "stream ended inside a message header")
+		}
+		return 0, err
+	}
+	if hdr[0] != 0 {
+		return 0, status.Error(codes.Internal, "compressed message, but no compression was negotiated")
+	}
+	n := int(binary.BigEndian.Uint32(hdr[1:]))
+	if n > max {
+		return 0, status.Errorf(codes.ResourceExhausted, "message of %d bytes is larger than the %d allowed", n, max)
+	}
+	return n, nil
+}
+
+// readChunk reads at most n bytes (as many as are there) into a pooled
+// buffer.
+func readChunk(r io.Reader, n int) (mem.Buffer, error) {
+	buf := bufPool.Get(min(n, chunkSize))
+	k, err := r.Read(*buf)
+	if k == 0 {
+		bufPool.Put(buf)
+		if err == nil || errors.Is(err, io.EOF) {
+			err = status.Error(codes.Internal, "stream ended inside a message")
+		}
+		return nil, err
+	}
+	*buf = (*buf)[:k]
+	return mem.NewBuffer(buf, bufPool), nil
+}
+
+// readWhole reads an n-byte message body into pooled buffers.
+func readWhole(r io.Reader, n int) (mem.BufferSlice, error) {
+	var bufs mem.BufferSlice
+	for have := 0; have < n; {
+		b, err := readChunk(r, n-have)
+		if err != nil {
+			bufs.Free()
+			return nil, err
+		}
+		bufs = append(bufs, b)
+		have += b.Len()
+	}
+	return bufs, nil
+}
+
+// recvFrame reads the next discovery response from a gRPC byte stream. A
+// large response of a type Envoy takes comes back growing: the caller
+// queues it for Envoy, then calls f.g.fill to read the rest.
+func recvFrame(r io.Reader, delta bool) (*frame, error) {
+	n, err := readMessageHeader(r, maxMsgSize)
+	if err != nil {
+		return nil, err
+	}
+	if n < cutThroughMin {
+		bufs, err := readWhole(r, n)
+		if err != nil {
+			return nil, err
+		}
+		return newFrame(delta, bufs)
+	}
+	f := &frame{delta: delta, size: n, g: &growth{}}
+	f.g.cond = sync.NewCond(&f.g.mu)
+	f.refs.Store(1)
+	var prefix []byte
+	for f.g.have < n && len(prefix) < sniffMax {
+		b, err := readChunk(r, n-f.g.have)
+		if err != nil {
+			f.data.Free()
+			return nil, err
+		}
+		f.appendChunk(b)
+		prefix = append(prefix, b.ReadOnlyData()[:min(b.Len(), sniffMax-len(prefix))]...)
+		t, ok := sniffType(prefix, delta)
+		if !ok {
+			continue
+		}
+		if !forwardable(t) || f.g.have == n {
+			break // intercepted, or already whole: the plain path
+		}
+		f.typeURL = t
+		f.g.fill = func(finalize func(env *frame)) error { return fillFrame(r, f, finalize) }
+		return f, nil
+	}
+	// Received whole: the type is not Envoy's, or not found early.
+	for f.g.have < n {
+		b, err := readChunk(r, n-f.g.have)
+		if err != nil {
+			f.data.Free()
+			return nil, err
+		}
+		f.appendChunk(b)
+	}
+	data := f.data
+	return newFrame(delta, data)
+}
+
+// fillFrame reads the rest of a growing frame. On error the frame is
+// aborted.
+func fillFrame(r io.Reader, f *frame, finalize func(env *frame)) error {
+	err := func() error {
+		for {
+			f.g.mu.Lock()
+			left := f.size - f.g.have
+			f.g.mu.Unlock()
+			if left == 0 {
+				return nil
+			}
+			b, err := readChunk(r, left)
+			if err != nil {
+				return err
+			}
+			if f.appendChunk(b) {
+				return nil
+			}
+		}
+	}()
+	if err == nil {
+		// Parse the whole message into a separate envelope: f's fields are
+		// read by others once queued.
+		env := &frame{delta: f.delta, data: f.data, size: f.size, starts: f.starts}
+		if err = env.parse(); err == nil && env.typeURL != f.typeURL {
+			err = fmt.Errorf("response type %s does not match its resources (%s)", env.typeURL, f.typeURL)
+		}
+		if err == nil {
+			finalize(env)
+			f.finish()
+			return nil
+		}
+		err = status.Errorf(codes.Internal, "response from the control plane: %v", err)
+	}
+	f.abort(err)
+	return err
+}
+
+// setEnvelope copies what parse found (the caller serialises with the
+// frame's readers).
+func (f *frame) setEnvelope(env *frame) {
+	f.version, f.nonce, f.resources, f.removed = env.version, env.nonce, env.resources, env.removed
+}
+
+// sniffType finds a response's type from its first bytes: the type_url
+// field if it comes first, else the type of the first resource (an Any, or
+// for Delta the Any inside the first Resource).
+func sniffType(b []byte, delta bool) (string, bool) {
+	for len(b) > 0 {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 {
+			return "", false
+		}
+		b = b[n:]
+		if typ != protowire.BytesType {
+			if n = protowire.ConsumeFieldValue(num, typ, b); n < 0 {
+				return "", false
+			}
+			b = b[n:]
+			continue
+		}
+		l, n := protowire.ConsumeVarint(b)
+		if n < 0 {
+			return "", false
+		}
+		b = b[n:]
+		switch num {
+		case sotwTypeURL: // the same number for both kinds
+			if uint64(len(b)) < l {
+				return "", false
+			}
+			return string(b[:l]), true
+		case sotwResource:
+			v := b[:min(uint64(len(b)), l)]
+			if delta {
+				if v = prefixField(v, resAny); v == nil {
+					return "", false
+				}
+			}
+			if t := prefixField(v, 1); t != nil && len(t) > 0 {
+				return string(t), true
+			}
+			return "", false
+		}
+		if uint64(len(b)) < l {
+			return "", false
+		}
+		b = b[l:]
+	}
+	return "", false
+}
+
+// prefixField returns the value of the first length-delimited field want in
+// a possibly truncated message, itself possibly truncated for an embedded
+// message but complete for a string that is wholly present; nil if it is not
+// in b.
+func prefixField(b []byte, want protowire.Number) []byte {
+	for len(b) > 0 {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 {
+			return nil
+		}
+		b = b[n:]
+		if typ != protowire.BytesType {
+			if n = protowire.ConsumeFieldValue(num, typ, b); n < 0 {
+				return nil
+			}
+			b = b[n:]
+			continue
+		}
+		l, n := protowire.ConsumeVarint(b)
+		if n < 0 {
+			return nil
+		}
+		b = b[n:]
+		if num == want {
+			if want == 1 && uint64(len(b)) < l {
+				return nil // a type URL cut short
+			}
+			return b[:min(uint64(len(b)), l)]
+		}
+		if uint64(len(b)) < l {
+			return nil
+		}
+		b = b[l:]
+	}
+	return nil
+}
+
+// writeMessage writes a request as a gRPC message.
+func writeMessage(w io.Writer, m proto.Message, scratch []byte) ([]byte, error) {
+	b := append(scratch[:0], 0, 0, 0, 0, 0)
+	b, err := proto.MarshalOptions{}.MarshalAppend(b, m)
+	if err != nil {
+		return scratch, err
+	}
+	binary.BigEndian.PutUint32(b[1:5], uint32(len(b)-5))
+	_, err = w.Write(b)
+	return b, err
+}
+
+// readMessage reads one gRPC message into m.
+func readMessage(r io.Reader, m proto.Message, scratch []byte) ([]byte, error) {
+	n, err := readMessageHeader(r, maxMsgSize)
+	if err != nil {
+		return scratch, err
+	}
+	if cap(scratch) < n {
+		scratch = make([]byte, n)
+	}
+	b := scratch[:n]
+	if _, err := io.ReadFull(r, b); err != nil {
+		return scratch, status.Errorf(codes.Internal, "stream ended inside a message: %v", err)
+	}
+	if err := proto.Unmarshal(b, m); err != nil {
+		return scratch, status.Errorf(codes.Internal, "decode %T: %v", m, err)
+	}
+	return scratch, nil
+}
+
+// flusher is a buffered byte stream.
+type flusher interface {
+	io.Writer
+	Flush() error
+}
+
+// writeFrame writes f as a gRPC message, following a growing frame as it
+// arrives.
+func writeFrame(w flusher, f *frame) error {
+	if f.growing() {
+		// Skip a frame that failed before any of it was sent.
+		f.g.mu.Lock()
+		aborted := f.g.err != nil
+		f.g.mu.Unlock()
+		if aborted {
+			return errFrameAborted
+		}
+	}
+	var hdr [5]byte
+	binary.BigEndian.PutUint32(hdr[1:], uint32(f.size))
+	if _, err := w.Write(hdr[:]); err != nil {
+		return err
+	}
+	if !f.growing() {
+		for _, b := range f.data {
+			if _, err := w.Write(b.ReadOnlyData()); err != nil {
+				return err
+			}
+		}
+		return w.Flush()
+	}
+	for sent := 0; ; {
+		bufs, done, err := f.next(sent)
+		if errors.Is(err, errFrameAborted) {
+			err = errors.New("the control plane's stream failed inside a response already being forwarded")
+		}
+		if err != nil {
+			return err
+		}
+		for _, b := range bufs {
+			if _, err := w.Write(b.ReadOnlyData()); err != nil {
+				return err
+			}
+		}
+		sent += len(bufs)
+		if err := w.Flush(); err != nil {
+			return err
+		}
+		if done {
+			return nil
+		}
+	}
+}
