@@ -1,0 +1,175 @@
+package h2grpc
+
+import (
+	"sync"
+
+	"golang.org/x/net/http2"
+)
+
+// stream is the state both roles keep for one HTTP/2 stream.
+type stream struct {
+	id uint32
+	c  *conn
+
+	// Send side, under c.mu.
+	sendWindow int64
+	sendErr    error // set once the stream can send no more
+	sendClosed bool  // END_STREAM sent
+
+	// Receive side, under mu.
+	mu             sync.Mutex
+	q              recvQueue
+	recvAvail      int64 // bytes the peer may still send on this stream
+	unacked        int64 // bytes read (or padding) not yet returned to the peer
+	dataAllowed    bool  // DATA is legal now (client: after response headers)
+	recvDone       bool  // no more DATA is accepted
+	recvHalfClosed bool  // recvDone because the peer sent END_STREAM
+	recvErr        error // what Read returns once the queue is drained
+	ended          bool
+	ready          chan struct{}
+
+	// Role hooks, fixed before the stream is published.
+	onEnd        func(err error) // once, when the stream terminates
+	onRecvClosed func()          // when DATA with END_STREAM arrives
+}
+
+func (c *conn) newStream(id uint32) *stream {
+	return &stream{
+		id:        id,
+		c:         c,
+		q:         recvQueue{pool: c.pool},
+		recvAvail: c.recvWindow,
+		ready:     make(chan struct{}, 1),
+	}
+}
+
+// signal wakes a Read waiting for data or the end of the stream.
+func (st *stream) signal() {
+	select {
+	case st.ready <- struct{}{}:
+	default:
+	}
+}
+
+func (st *stream) recvClosed() {
+	if st.onRecvClosed != nil {
+		st.onRecvClosed()
+	}
+}
+
+// terminate ends the stream with err: writes fail with it, and Read returns
+// it once the queue is drained (abort drops the queue so it returns at once).
+// The caller removes the stream from the connection's table.
+func (st *stream) terminate(err error, abort bool) {
+	c := st.c
+	c.mu.Lock()
+	if st.sendErr == nil {
+		st.sendErr = err
+	}
+	c.broadcastLocked()
+	c.mu.Unlock()
+
+	st.mu.Lock()
+	if !st.recvDone {
+		st.recvDone = true
+		st.recvErr = err
+		if abort {
+			st.q.release()
+		}
+	}
+	first := !st.ended
+	st.ended = true
+	st.mu.Unlock()
+	st.signal()
+	if first && st.onEnd != nil {
+		st.onEnd(err)
+	}
+}
+
+// read hands out received bytes, returning them to the peer's windows in
+// batches of a quarter window.
+func (st *stream) read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	for {
+		st.mu.Lock()
+		if st.q.n > 0 {
+			n := st.q.read(p)
+			var inc int64
+			if !st.recvDone {
+				st.unacked += int64(n)
+				if st.unacked >= st.c.recvWindow/4 {
+					inc = st.unacked
+					st.unacked = 0
+					st.recvAvail += inc
+				}
+			}
+			st.mu.Unlock()
+			if inc > 0 {
+				id := st.id
+				st.c.queueCtl(func(fr *http2.Framer) { fr.WriteWindowUpdate(id, uint32(inc)) })
+			}
+			return n, nil
+		}
+		if st.recvDone {
+			err := st.recvErr
+			st.q.release()
+			st.mu.Unlock()
+			return 0, err
+		}
+		st.mu.Unlock()
+		<-st.ready
+	}
+}
+
+// reserve waits until the stream and connection windows allow sending and
+// takes up to want bytes of both.
+func (st *stream) reserve(want int) (int, error) {
+	c := st.c
+	c.mu.Lock()
+	for {
+		if st.sendErr != nil {
+			err := st.sendErr
+			c.mu.Unlock()
+			return 0, err
+		}
+		n := int64(min(want, maxReservation))
+		n = min(n, st.sendWindow, c.sendWindow)
+		if n > 0 {
+			st.sendWindow -= n
+			c.sendWindow -= n
+			c.mu.Unlock()
+			return int(n), nil
+		}
+		wake := c.wake
+		c.mu.Unlock()
+		// The peer returns credit only for what it has received.
+		if err := c.flush(); err != nil {
+			return 0, err
+		}
+		<-wake
+		c.mu.Lock()
+	}
+}
+
+// write sends p as DATA, blocking on flow control; buffered until a flush.
+func (st *stream) write(p []byte) (int, error) {
+	c := st.c
+	done := 0
+	for len(p) > 0 {
+		n, err := st.reserve(len(p))
+		if err != nil {
+			return done, err
+		}
+		c.wmu.Lock()
+		err = c.writeDataLocked(st.id, p[:n], false)
+		c.unlockW()
+		if err != nil {
+			return done, c.role.lostErr(err)
+		}
+		done += n
+		p = p[n:]
+	}
+	return done, nil
+}
