@@ -98,6 +98,10 @@ func handshakeClient(ctx context.Context, nc net.Conn, cfg DialConfig, log *zap.
 		if ctx.Err() != nil {
 			return fmt.Errorf("%w (%v)", ctx.Err(), err)
 		}
+		if d, ok := ctx.Deadline(); ok && !time.Now().Before(d) {
+			// The connection deadline can fire before ctx's own timer.
+			return fmt.Errorf("%w (%v)", context.DeadlineExceeded, err)
+		}
 		return err
 	}
 
@@ -112,6 +116,9 @@ func handshakeClient(ctx context.Context, nc net.Conn, cfg DialConfig, log *zap.
 		}
 		tlsConn := tls.Client(nc, tc)
 		if err := tlsConn.HandshakeContext(ctx); err != nil {
+			if strings.Contains(err.Error(), "no application protocol") {
+				return nil, fmt.Errorf("server did not negotiate HTTP/2 over TLS (no ALPN \"h2\"): is it a gRPC server? %w", err)
+			}
 			return nil, fail(fmt.Errorf("TLS handshake: %w", err))
 		}
 		if p := tlsConn.ConnectionState().NegotiatedProtocol; p != "h2" {
