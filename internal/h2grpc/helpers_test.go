@@ -100,10 +100,15 @@ func startServer(t testing.TB, cfg ServerConfig) (*Server, string) {
 
 func grpcClient(t testing.TB, path string, opts ...grpc.DialOption) *grpc.ClientConn {
 	t.Helper()
+	return grpcClientTarget(t, "unix://"+path, opts...)
+}
+
+func grpcClientTarget(t testing.TB, target string, opts ...grpc.DialOption) *grpc.ClientConn {
+	t.Helper()
 	opts = append(opts,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{}), grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)))
-	cc, err := grpc.NewClient("unix://"+path, opts...)
+	cc, err := grpc.NewClient(target, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
