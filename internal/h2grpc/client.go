@@ -442,7 +442,7 @@ func (cc *ClientConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		st.recvDone, st.recvHalfClosed, st.recvErr = true, true, err
 	}
 	st.mu.Unlock()
-	st.signal()
+	// Writes fail before Read can report the end.
 	cc.streamEnded(st)
 	return nil
 }
@@ -461,6 +461,10 @@ type ClientStream struct {
 func (cc *ClientConn) streamEnded(st *stream) {
 	cc.mu.Lock()
 	stillSending := !st.sendClosed && st.sendErr == nil
+	if st.sendErr == nil {
+		st.sendErr = io.EOF
+	}
+	cc.broadcastLocked()
 	cc.mu.Unlock()
 	cc.removeStream(st)
 	if stillSending {

@@ -40,7 +40,7 @@ func FuzzServerConn(f *testing.F) {
 	fr.WriteGoAway(1, http2.ErrCodeNo, nil)
 	f.Add(seed.Bytes())
 	f.Add([]byte{0, 0, 4, 9, 4, 0, 0, 0, 1, 0x82, 0x84, 0x86, 0x41}) // stray CONTINUATION
-	f.Add([]byte{0, 0, 1, 0, 8, 0, 0, 0, 1, 200})                  // padding longer than the frame
+	f.Add([]byte{0, 0, 1, 0, 8, 0, 0, 0, 1, 200})                    // padding longer than the frame
 	f.Fuzz(func(t *testing.T, data []byte) {
 		s := NewServer(ServerConfig{Handle: echo})
 		client, server := net.Pipe()

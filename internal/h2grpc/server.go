@@ -136,7 +136,10 @@ func (s *Server) Stop() {
 		conns = append(conns, sc)
 	}
 	s.mu.Unlock()
-	s.cancel()
+	// Connections close before contexts are cancelled: a handler that
+	// returns on cancellation must find its stream already gone, or the
+	// client would read its OK trailers as a clean end instead of
+	// Unavailable.
 	var wg sync.WaitGroup
 	for _, sc := range conns {
 		wg.Add(1)
@@ -147,6 +150,7 @@ func (s *Server) Stop() {
 		}()
 	}
 	wg.Wait()
+	s.cancel()
 	s.wg.Wait()
 }
 
