@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -290,6 +291,14 @@ func TestConfigDefaults(t *testing.T) {
 		if err := c.setDefaults(); err == nil {
 			t.Errorf("discovery address %q accepted", bad)
 		}
+	}
+	c := Config{DiscoveryAddress: "istiod:15012"}
+	if err := c.setDefaults(); err != nil || c.Transport != TransportGRPC {
+		t.Errorf("default transport %q (%v), want %q", c.Transport, err, TransportGRPC)
+	}
+	c = Config{DiscoveryAddress: "istiod:15012", Transport: "quic"}
+	if err := c.setDefaults(); err == nil || !strings.Contains(err.Error(), "OUTRIGGER_XDS_TRANSPORT") {
+		t.Errorf("transport quic: %v, want an error naming OUTRIGGER_XDS_TRANSPORT", err)
 	}
 	got := HeadersFromEnv([]string{"XDS_HEADER_X-Foo=bar", "XDS_HEADER_=x", "OTHER=1", "XDS_HEADER_B=c=d"})
 	if diff := cmp.Diff(map[string]string{"X-Foo": "bar", "B": "c=d"}, got); diff != "" {

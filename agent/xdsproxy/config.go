@@ -89,6 +89,12 @@ type Config struct {
 	// this long while a request waits for an answer (Outrigger only).
 	// Default 5m.
 	StallTimeout time.Duration
+	// Transport carries the streams: TransportGRPC (default), grpc-go on
+	// both sides (whole messages, store and forward), or
+	// TransportCutThrough (experimental), the agent's own HTTP/2 transport
+	// (internal/h2grpc) that forwards large responses while they arrive
+	// (Outrigger only: OUTRIGGER_XDS_TRANSPORT).
+	Transport string
 	// OnNameTable receives each DNS name table (NDS). Nil means the DNS
 	// proxy is off and NDS is not requested. An error NACKs the table.
 	OnNameTable func(*nds.NameTable) error
@@ -97,7 +103,20 @@ type Config struct {
 	Registerer prometheus.Registerer
 }
 
+// The values of Config.Transport.
+const (
+	TransportCutThrough = "cut-through"
+	TransportGRPC       = "grpc"
+)
+
 func (c *Config) setDefaults() error {
+	switch c.Transport {
+	case "":
+		c.Transport = TransportGRPC
+	case TransportCutThrough, TransportGRPC:
+	default:
+		return fmt.Errorf("xdsproxy: transport %q (OUTRIGGER_XDS_TRANSPORT): want %q or %q", c.Transport, TransportCutThrough, TransportGRPC)
+	}
 	if c.DiscoveryAddress == "" {
 		return errors.New("xdsproxy: no discovery address: set ProxyConfig.discoveryAddress (e.g. istiod.istio-system.svc:15012)")
 	}

@@ -149,6 +149,16 @@ func readMessageHeader(r io.Reader, max int) (int, error) {
 // readChunk reads at most n bytes (as many as are there) into a pooled
 // buffer.
 func readChunk(r io.Reader, n int) (mem.Buffer, error) {
+	if cr, ok := r.(chunkReader); ok {
+		b, err := cr.ReadChunk(min(n, chunkSize))
+		if len(b) == 0 {
+			if err == nil || errors.Is(err, io.EOF) {
+				err = status.Error(codes.Internal, "stream ended inside a message")
+			}
+			return nil, err
+		}
+		return mem.SliceBuffer(b), nil
+	}
 	buf := bufPool.Get(min(n, chunkSize))
 	k, err := r.Read(*buf)
 	if k == 0 {
@@ -160,6 +170,11 @@ func readChunk(r io.Reader, n int) (mem.Buffer, error) {
 	}
 	*buf = (*buf)[:k]
 	return mem.NewBuffer(buf, bufPool), nil
+}
+
+// chunkReader hands over received bytes without a copy (h2grpc).
+type chunkReader interface {
+	ReadChunk(max int) ([]byte, error)
 }
 
 // readWhole reads an n-byte message body into pooled buffers.

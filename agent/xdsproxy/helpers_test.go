@@ -91,6 +91,10 @@ func startProxy(t *testing.T, cfg Config) *testProxy {
 	if cfg.ConnectTimeout == 0 {
 		cfg.ConnectTimeout = time.Second
 	}
+	if cfg.Transport == "" {
+		// make test runs the package once per transport.
+		cfg.Transport = os.Getenv("XDSPROXY_TEST_TRANSPORT")
+	}
 	reg := prometheus.NewRegistry()
 	cfg.Registerer = reg
 	p, err := New(cfg, zaptest.NewLogger(t))

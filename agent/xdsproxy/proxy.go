@@ -82,6 +82,13 @@ func (p *Proxy) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if p.cfg.Transport == TransportCutThrough {
+		p.log.Info("serving xDS", zap.String("socket", p.cfg.SocketPath), zap.String("upstream", p.cfg.DiscoveryAddress), zap.String("transport", p.cfg.Transport))
+		err := p.serveH2(ctx, lis)
+		p.cache.close()
+		_ = os.Remove(p.cfg.SocketPath)
+		return err
+	}
 	srv := grpc.NewServer(
 		grpc.ForceServerCodecV2(p.codec),
 		grpc.MaxRecvMsgSize(maxMsgSize),

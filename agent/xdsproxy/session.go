@@ -184,7 +184,8 @@ func (s *session) readEnvoy() {
 				continue
 			}
 		}
-		if !errors.Is(err, io.EOF) && !expectedEnd(err) {
+		// An Envoy that went away (its context ended) is no failure.
+		if !errors.Is(err, io.EOF) && !expectedEnd(err) && s.down.Context().Err() == nil {
 			s.log.Warn("Envoy stream failed", zap.Error(err))
 		}
 		s.cancel(err)

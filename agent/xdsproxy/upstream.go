@@ -75,8 +75,11 @@ func (p *Proxy) dial() (*grpc.ClientConn, error) {
 	return conn, nil
 }
 
-// openUpstream connects and opens an ADS stream over grpc-go.
+// openUpstream connects and opens an ADS stream.
 func (p *Proxy) openUpstream(ctx context.Context, method string) (upstream, error) {
+	if p.cfg.Transport == TransportCutThrough {
+		return p.openH2(ctx, method)
+	}
 	conn, err := p.dial()
 	if err != nil {
 		return nil, err

@@ -100,6 +100,7 @@ func newProxyParts(in partsInput, log *zap.Logger) (*proxyParts, error) {
 		Headers:           r.prefixed("XDS_HEADER_"),
 		KeepaliveInterval: r.duration("GRPC_KEEPALIVE_INTERVAL", 0),
 		KeepaliveTimeout:  r.duration("GRPC_KEEPALIVE_TIMEOUT", 0),
+		Transport:         r.str("OUTRIGGER_XDS_TRANSPORT", ""),
 		Registerer:        agentReg,
 	}
 	if dns != nil {

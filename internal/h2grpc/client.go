@@ -523,3 +523,8 @@ func (cs *ClientStream) CloseSend() error {
 // error; a reset, GOAWAY, lost connection or cancelled context give the
 // matching status error (see the package tests for the mapping).
 func (cs *ClientStream) Read(p []byte) (int, error) { return cs.st.read(p) }
+
+// ReadChunk is Read without a copy: it returns up to max bytes that arrived
+// (at least one), handing over the receive buffer itself where it can. The
+// caller owns the slice. Errors as Read.
+func (cs *ClientStream) ReadChunk(max int) ([]byte, error) { return cs.st.readChunk(max) }

@@ -391,3 +391,49 @@ func TestClientKeepaliveDetectsHungServer(t *testing.T) {
 		t.Errorf("hung server detected after %v, want about %v", d, interval+timeout)
 	}
 }
+
+// TestClientReadChunk reads the whole response body with ReadChunk and
+// checks it only at the end: a handed-over buffer that the stream reused
+// would show as corrupted earlier bytes.
+func TestClientReadChunk(t *testing.T) {
+	addr := startGRPCServer(t, echoHandler)
+	cc := dial(t, DialConfig{Address: addr})
+	cs, err := cc.NewStream(context.Background(), echoMethod, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msgs := [][]byte{[]byte("small"), payload(8 << 20), payload(3), payload(1 << 20)}
+	var want []byte
+	for _, m := range msgs {
+		want = append(want, frameMsg(m)...)
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if _, err := cs.Write(want); err != nil {
+			t.Errorf("Write: %v", err)
+		}
+		if err := cs.CloseSend(); err != nil {
+			t.Errorf("CloseSend: %v", err)
+		}
+	})
+	var chunks [][]byte
+	total := 0
+	for {
+		b, err := cs.ReadChunk(7000)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(b) == 0 || len(b) > 7000 {
+			t.Fatalf("ReadChunk(7000) returned %d bytes", len(b))
+		}
+		chunks = append(chunks, b)
+		total += len(b)
+	}
+	wg.Wait()
+	if got := bytes.Join(chunks, nil); !bytes.Equal(got, want) {
+		t.Fatalf("read %d bytes in %d chunks, want %d: content differs", total, len(chunks), len(want))
+	}
+}

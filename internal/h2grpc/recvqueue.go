@@ -127,3 +127,22 @@ func (q *recvQueue) fillFrom(r io.Reader, n int, mu *sync.Mutex, scratch []byte)
 	}
 	return nil
 }
+
+// take removes up to max bytes from the front of the queue (which must not
+// be empty) and returns them: the first chunk's own memory when it goes
+// whole and nothing can be appended to it any more (the chunk then belongs
+// to the caller and is never pooled again), else a copy.
+func (q *recvQueue) take(max int) []byte {
+	c := q.chunks[0]
+	avail := c.w - c.r
+	if avail > max || (len(q.chunks) == 1 && c.w < len(c.b)) {
+		out := make([]byte, min(avail, max))
+		q.read(out)
+		return out
+	}
+	out := c.b[c.r:c.w:c.w]
+	q.chunks[0] = nil
+	q.chunks = q.chunks[1:]
+	q.n -= len(out)
+	return out
+}

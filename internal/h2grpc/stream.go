@@ -92,10 +92,27 @@ func (st *stream) read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
+	n, _, err := st.readWith(func() int { return st.q.read(p) })
+	return n, err
+}
+
+// readChunk is read without a copy where it can: see recvQueue.take.
+func (st *stream) readChunk(max int) ([]byte, error) {
+	if max <= 0 {
+		return nil, nil
+	}
+	var out []byte
+	_, _, err := st.readWith(func() int { out = st.q.take(max); return len(out) })
+	return out, err
+}
+
+// readWith waits for buffered bytes, consumes them with take (under the
+// stream's lock) and returns the window credit.
+func (st *stream) readWith(take func() int) (int, bool, error) {
 	for {
 		st.mu.Lock()
 		if st.q.n > 0 {
-			n := st.q.read(p)
+			n := take()
 			var inc int64
 			if !st.recvDone {
 				st.unacked += int64(n)
@@ -110,13 +127,13 @@ func (st *stream) read(p []byte) (int, error) {
 				id := st.id
 				st.c.queueCtl(func(fr *http2.Framer) { fr.WriteWindowUpdate(id, uint32(inc)) })
 			}
-			return n, nil
+			return n, true, nil
 		}
 		if st.recvDone {
 			err := st.recvErr
 			st.q.release()
 			st.mu.Unlock()
-			return 0, err
+			return 0, false, err
 		}
 		st.mu.Unlock()
 		<-st.ready
