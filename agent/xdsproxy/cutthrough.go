@@ -322,7 +322,7 @@ func sniffType(b []byte, delta bool) (string, bool) {
 					return "", false
 				}
 			}
-			if t := prefixField(v, 1); t != nil && len(t) > 0 {
+			if t := prefixField(v, 1); len(t) > 0 {
 				return string(t), true
 			}
 			return "", false
