@@ -3,7 +3,6 @@ package xdsproxy
 import (
 	"context"
 	"fmt"
-	"net"
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
@@ -16,26 +15,14 @@ import (
 // The cut-through transport: the agent's own HTTP/2 (internal/h2grpc) on
 // both sides, so a response's bytes are relayed while they arrive.
 
-// serveH2 serves the socket until ctx ends.
-func (p *Proxy) serveH2(ctx context.Context, lis net.Listener) error {
-	srv := h2grpc.NewServer(h2grpc.ServerConfig{
+// newH2Server is the socket's server on the cut-through transport.
+func (p *Proxy) newH2Server() *h2grpc.Server {
+	return h2grpc.NewServer(h2grpc.ServerConfig{
 		Handle:            p.handleH2,
 		KeepaliveInterval: p.cfg.KeepaliveInterval,
 		KeepaliveTimeout:  p.cfg.KeepaliveTimeout,
 		Log:               p.log.Named("h2"),
 	})
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(lis) }()
-	select {
-	case err := <-errc:
-		return fmt.Errorf("xdsproxy: serve %s: %w", p.cfg.SocketPath, err)
-	case <-ctx.Done():
-	}
-	// Streams are endless: stop ends every Envoy stream and, through
-	// them, the upstream streams.
-	srv.Stop()
-	<-errc
-	return nil
 }
 
 func (p *Proxy) handleH2(st *h2grpc.ServerStream) error {

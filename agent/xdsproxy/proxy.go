@@ -82,24 +82,26 @@ func (p *Proxy) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if p.cfg.Transport == TransportCutThrough {
-		p.log.Info("serving xDS", zap.String("socket", p.cfg.SocketPath), zap.String("upstream", p.cfg.DiscoveryAddress), zap.String("transport", p.cfg.Transport))
-		err := p.serveH2(ctx, lis)
-		p.cache.close()
-		_ = os.Remove(p.cfg.SocketPath)
-		return err
+	var srv interface {
+		Serve(net.Listener) error
+		Stop()
 	}
-	srv := grpc.NewServer(
-		grpc.ForceServerCodecV2(p.codec),
-		grpc.MaxRecvMsgSize(maxMsgSize),
-		grpc.MaxSendMsgSize(maxMsgSize),
-		grpc.MaxConcurrentStreams(100000),
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: p.cfg.KeepaliveInterval, Timeout: p.cfg.KeepaliveTimeout}),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 15 * time.Second, PermitWithoutStream: true}),
-	)
-	discovery.RegisterAggregatedDiscoveryServiceServer(srv, adsServer{p})
+	if p.cfg.Transport == TransportCutThrough {
+		srv = p.newH2Server()
+	} else {
+		gs := grpc.NewServer(
+			grpc.ForceServerCodecV2(p.codec),
+			grpc.MaxRecvMsgSize(maxMsgSize),
+			grpc.MaxSendMsgSize(maxMsgSize),
+			grpc.MaxConcurrentStreams(100000),
+			grpc.KeepaliveParams(keepalive.ServerParameters{Time: p.cfg.KeepaliveInterval, Timeout: p.cfg.KeepaliveTimeout}),
+			grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 15 * time.Second, PermitWithoutStream: true}),
+		)
+		discovery.RegisterAggregatedDiscoveryServiceServer(gs, adsServer{p})
+		srv = gs
+	}
 
-	p.log.Info("serving xDS", zap.String("socket", p.cfg.SocketPath), zap.String("upstream", p.cfg.DiscoveryAddress))
+	p.log.Info("serving xDS", zap.String("socket", p.cfg.SocketPath), zap.String("upstream", p.cfg.DiscoveryAddress), zap.String("transport", p.cfg.Transport))
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(lis) }()
 	select {
