@@ -113,20 +113,6 @@ func (f *frame) abort(err error) {
 	g.mu.Unlock()
 }
 
-// wait blocks until a growing frame is complete.
-func (f *frame) wait() error {
-	g := f.g
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	for !g.done && g.err == nil {
-		g.cond.Wait()
-	}
-	if g.err != nil {
-		return errFrameAborted
-	}
-	return nil
-}
-
 // readMessageHeader reads a gRPC message prefix and returns the length.
 func readMessageHeader(r io.Reader, max int) (int, error) {
 	var hdr [5]byte
@@ -149,27 +135,30 @@ func readMessageHeader(r io.Reader, max int) (int, error) {
 // readChunk reads at most n bytes (as many as are there) into a pooled
 // buffer.
 func readChunk(r io.Reader, n int) (mem.Buffer, error) {
+	var b mem.Buffer
+	var err error
 	if cr, ok := r.(chunkReader); ok {
-		b, err := cr.ReadChunk(min(n, chunkSize))
-		if len(b) == 0 {
-			if err == nil || errors.Is(err, io.EOF) {
-				err = status.Error(codes.Internal, "stream ended inside a message")
-			}
-			return nil, err
+		var s []byte
+		if s, err = cr.ReadChunk(min(n, chunkSize)); len(s) > 0 {
+			b = mem.SliceBuffer(s)
 		}
-		return mem.SliceBuffer(b), nil
-	}
-	buf := bufPool.Get(min(n, chunkSize))
-	k, err := r.Read(*buf)
-	if k == 0 {
-		bufPool.Put(buf)
-		if err == nil || errors.Is(err, io.EOF) {
-			err = status.Error(codes.Internal, "stream ended inside a message")
+	} else {
+		buf := bufPool.Get(min(n, chunkSize))
+		var k int
+		if k, err = r.Read(*buf); k > 0 {
+			*buf = (*buf)[:k]
+			b = mem.NewBuffer(buf, bufPool)
+		} else {
+			bufPool.Put(buf)
 		}
-		return nil, err
 	}
-	*buf = (*buf)[:k]
-	return mem.NewBuffer(buf, bufPool), nil
+	if b != nil {
+		return b, nil
+	}
+	if err == nil || errors.Is(err, io.EOF) {
+		err = status.Error(codes.Internal, "stream ended inside a message")
+	}
+	return nil, err
 }
 
 // chunkReader hands over received bytes without a copy (h2grpc).

@@ -215,8 +215,9 @@ func TestRecvFrameAborted(t *testing.T) {
 		if err := f.g.fill(func(*frame) { t.Error("finalized") }); err == nil {
 			t.Fatal("a response whose type does not match its resources was accepted")
 		}
-		if err := f.wait(); !errors.Is(err, errFrameAborted) {
-			t.Fatalf("wait: %v", err)
+		var out bufWriter
+		if err := writeFrame(&out, f); !errors.Is(err, errFrameAborted) || out.Len() != 0 {
+			t.Fatalf("writer: %v after %d bytes, want errFrameAborted and nothing written", err, out.Len())
 		}
 	})
 }

@@ -81,13 +81,7 @@ func (p *Proxy) openH2(ctx context.Context, method string) (upstream, error) {
 		Window:            upstreamWindow,
 		Log:               p.log.Named("h2"),
 	}
-	md := map[string]string{}
-	for k, v := range p.cfg.Headers {
-		md[k] = v
-	}
-	if p.cfg.ClusterID != "" {
-		md["ClusterID"] = p.cfg.ClusterID
-	}
+	md := p.streamMetadata()
 	if !p.cfg.Plaintext {
 		tc, err := p.tlsConfig()
 		if err != nil {

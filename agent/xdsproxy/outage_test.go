@@ -371,24 +371,34 @@ func (ps *pushServer) waitSent(t *testing.T, n int32) {
 	}
 }
 
-func (ps *pushServer) payload() []byte { return []byte(strings.Repeat("x", ps.size)) }
-
-func (ps *pushServer) StreamAggregatedResources(st discovery.AggregatedDiscoveryService_StreamAggregatedResourcesServer) error {
+// waitCDS records the requests recv returns, in the background for the
+// stream's life, and waits for the first CDS request (false: the stream
+// ended first).
+func (ps *pushServer) waitCDS(ctx context.Context, recv func() (string, error)) bool {
 	start := make(chan struct{}, 1)
 	go func() {
 		for {
-			r, err := st.Recv()
+			typeURL, err := recv()
 			if err != nil {
 				return
 			}
-			if ps.record(r.GetTypeUrl()) && r.GetTypeUrl() == cdsType {
+			if ps.record(typeURL) && typeURL == cdsType {
 				start <- struct{}{}
 			}
 		}
 	}()
 	select {
 	case <-start:
-	case <-st.Context().Done():
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+func (ps *pushServer) payload() []byte { return []byte(strings.Repeat("x", ps.size)) }
+
+func (ps *pushServer) StreamAggregatedResources(st discovery.AggregatedDiscoveryService_StreamAggregatedResourcesServer) error {
+	if !ps.waitCDS(st.Context(), func() (string, error) { r, err := st.Recv(); return r.GetTypeUrl(), err }) {
 		return nil
 	}
 	body := ps.payload()
@@ -407,21 +417,7 @@ func (ps *pushServer) StreamAggregatedResources(st discovery.AggregatedDiscovery
 }
 
 func (ps *pushServer) DeltaAggregatedResources(st discovery.AggregatedDiscoveryService_DeltaAggregatedResourcesServer) error {
-	start := make(chan struct{}, 1)
-	go func() {
-		for {
-			r, err := st.Recv()
-			if err != nil {
-				return
-			}
-			if ps.record(r.GetTypeUrl()) && r.GetTypeUrl() == cdsType {
-				start <- struct{}{}
-			}
-		}
-	}()
-	select {
-	case <-start:
-	case <-st.Context().Done():
+	if !ps.waitCDS(st.Context(), func() (string, error) { r, err := st.Recv(); return r.GetTypeUrl(), err }) {
 		return nil
 	}
 	body := ps.payload()

@@ -36,14 +36,9 @@ type grpcDown struct{ grpc.ServerStream }
 
 func (d grpcDown) RecvMsg(m proto.Message) error { return d.ServerStream.RecvMsg(m) }
 
-func (d grpcDown) SendFrame(f *frame) error {
-	if f.growing() {
-		if err := f.wait(); err != nil {
-			return err
-		}
-	}
-	return d.SendMsg(f)
-}
+// SendFrame sends a whole frame: frames grow only on the cut-through
+// transport, whose Envoy side is h2Down.
+func (d grpcDown) SendFrame(f *frame) error { return d.SendMsg(f) }
 
 // grpcUp is an upstream stream over grpc-go.
 type grpcUp struct {

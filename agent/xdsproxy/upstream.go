@@ -92,18 +92,25 @@ func (p *Proxy) openUpstream(ctx context.Context, method string) (upstream, erro
 	return grpcUp{conn: conn, stream: stream}, nil
 }
 
+// streamMetadata is the upstream stream's metadata: ClusterID, then the
+// XDS_HEADER_* headers (which win on a clash). Keys are lower-cased on the
+// wire by either transport.
+func (p *Proxy) streamMetadata() map[string]string {
+	md := make(map[string]string, len(p.cfg.Headers)+1)
+	if p.cfg.ClusterID != "" {
+		md["ClusterID"] = p.cfg.ClusterID
+	}
+	for k, v := range p.cfg.Headers {
+		md[k] = v
+	}
+	return md
+}
+
 // openStream starts an ADS stream on conn with the ClusterID and
 // XDS_HEADER_* metadata. It waits at most ConnectTimeout for the
 // connection to come up.
 func (p *Proxy) openStream(ctx context.Context, conn *grpc.ClientConn, method string) (grpc.ClientStream, error) {
-	md := metadata.MD{}
-	if p.cfg.ClusterID != "" {
-		md.Set("ClusterID", p.cfg.ClusterID)
-	}
-	for k, v := range p.cfg.Headers {
-		md.Set(k, v)
-	}
-	ctx = metadata.NewOutgoingContext(ctx, md)
+	ctx = metadata.NewOutgoingContext(ctx, metadata.New(p.streamMetadata()))
 
 	conn.Connect()
 	wctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
