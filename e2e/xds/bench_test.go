@@ -1,12 +1,17 @@
 package xds
 
 import (
+	"bytes"
 	"context"
+	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -20,50 +25,164 @@ import (
 
 // BenchmarkPush3000 pushes a 3000-service CDS (about 7 MB) to a fresh ADS
 // stream, directly from the control plane and through the agent's proxy
-// (run as its own process, a fresh one per mode), and reports the proxy's
-// peak resident memory (VmHWM) as peak-rss-MB. Compare ns/op of the two
-// sub-benchmarks for the added latency. The stand-in Envoy ACKs each push,
-// so the proxy holds the last-known-good CDS while the next one arrives, as
-// it does in a pod.
+// (run as its own process, a fresh one per protocol), alternately in the
+// same loop so that both see the same machine. It reports, per protocol:
+//   - direct-ms and proxy-ms: the median push, and added-%: how much longer
+//     the median push through the proxy takes (ns/op is the sum of one of
+//     each and means little);
+//   - agent-cpu-ms/op: the proxy's CPU time per push;
+//   - peak-rss-MB: the proxy's peak resident memory (VmHWM).
 //
-// The proxy process applies the agent's GC settings and hands its start-up
-// pages back, as proxy mode does; XDS_BENCH_PROXY_ARGS="-gc-defaults=false
-// -memtrim=false" measures without. XDS_BENCH_PROXY_ENV adds environment
-// variables (e.g. "GOGC=100 GODEBUG=gctrace=1"). For profiling,
-// XDS_BENCH_PROFILE_DIR=<dir> makes the proxy write cpu-<mode>.pprof and
-// heap-<mode>.pprof there.
+// The stand-in Envoy ACKs each push, so the proxy holds the last-known-good
+// CDS while the next one arrives, as it does in a pod.
+//
+// The control plane runs as its own process (as istiod does). By default it
+// is on loopback and shares the machine's cores with the proxy and the
+// stand-in Envoy: every byte the proxy copies is taken from the two ends'
+// CPU. XDS_BENCH_LINK=<rate> (root; e.g. 10gbit) puts it behind a shaped
+// veth link instead, as istiod is from a pod (see startCPProcess).
+//
+// Knobs: XDS_BENCH_SERVICES (mesh size), XDS_BENCH_CP_ADDR (an external
+// control plane serving such a mesh), XDS_BENCH_BIN (another relay binary
+// with the same flags, for comparison), XDS_BENCH_PROXY_ARGS (e.g.
+// "-transport=cut-through", or "-gc-defaults=false -memtrim=false" to measure
+// without the agent's GC settings and start-up page trimming),
+// XDS_BENCH_PROXY_ENV (environment, e.g. "GODEBUG=gctrace=1"), and
+// XDS_BENCH_PROFILE_DIR=<dir> (the proxy writes cpu-<mode>.pprof and
+// heap-<mode>.pprof there).
 func BenchmarkPush3000(b *testing.B) {
 	services := 3000
 	if v, err := strconv.Atoi(os.Getenv("XDS_BENCH_SERVICES")); err == nil {
 		services = v
 	}
-	cp := startCP(b, controlplane.GenerateMesh(services))
+	cpAddr := os.Getenv("XDS_BENCH_CP_ADDR")
+	if cpAddr == "" {
+		cpAddr = startCPProcess(b, services, os.Getenv("XDS_BENCH_LINK"))
+	}
 	bin := testenv.Build(b, "./e2e/xds/xdsproxycmd")
+	if v := os.Getenv("XDS_BENCH_BIN"); v != "" {
+		bin = v
+	}
 
 	for _, delta := range []bool{false, true} {
 		mode := "sotw"
 		if delta {
 			mode = "delta"
 		}
-		sock, stop := startProxyProcess(b, bin, cp.Addr(), mode)
-		for _, via := range []struct{ name, target string }{{"direct", cp.Addr()}, {"proxy", "unix://" + sock}} {
-			b.Run(mode+"/"+via.name, func(b *testing.B) {
-				push(b, via.target, delta, -1, services) // warm-up, not timed
-				for i := 0; b.Loop(); i++ {
-					push(b, via.target, delta, i, services)
+		sock, pid, stop := startProxyProcess(b, bin, cpAddr, mode)
+		b.Run(mode, func(b *testing.B) {
+			direct, proxy := cpAddr, "unix://"+sock
+			push(b, direct, delta, -1, services) // warm-up, not timed
+			push(b, proxy, delta, -2, services)
+			var td, tp []time.Duration
+			cpu0 := cpuTime(b, pid)
+			for i := 0; b.Loop(); i++ {
+				// Alternate which goes first, so neither always follows
+				// the other's leftovers.
+				if i%2 == 0 {
+					td = append(td, push(b, direct, delta, i, services))
+					tp = append(tp, push(b, proxy, delta, i, services))
+				} else {
+					tp = append(tp, push(b, proxy, delta, i, services))
+					td = append(td, push(b, direct, delta, i, services))
 				}
-				if via.name == "proxy" {
-					b.ReportMetric(stop(), "peak-rss-MB")
-				}
-			})
-		}
+			}
+			md, mp := median(td), median(tp)
+			b.ReportMetric(ms(md), "direct-ms")
+			b.ReportMetric(ms(mp), "proxy-ms")
+			b.ReportMetric(100*float64(mp-md)/float64(md), "added-%")
+			b.ReportMetric(ms(cpuTime(b, pid)-cpu0)/float64(len(tp)), "agent-cpu-ms/op")
+			b.ReportMetric(peakRSSMB(b, pid), "peak-rss-MB")
+		})
 		stop()
 	}
 }
 
-// startProxyProcess runs xdsproxycmd towards upstream. stop ends it (once)
-// and returns its peak RSS in MB.
-func startProxyProcess(b *testing.B, bin, upstream, mode string) (sock string, stop func() float64) {
+func median(d []time.Duration) time.Duration {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func ms(d time.Duration) float64 { return float64(d) / 1e6 }
+
+// startCPProcess runs the test control plane as its own process, as istiod
+// is, serving a generated mesh of n services, and returns its address.
+//
+// With link empty it listens on loopback. Otherwise (root only) it runs in
+// a network namespace of its own behind a veth pair whose two directions
+// are shaped to link (a tc rate such as "10gbit"): the control plane is
+// across a network, as istiod is from a pod, instead of a loopback copy
+// away. A relay that forwards as bytes arrive then adds little; one that
+// stores each message before sending it on adds the whole message's time
+// on the second hop.
+func startCPProcess(b *testing.B, n int, link string) string {
+	b.Helper()
+	bin := testenv.Build(b, "./e2e/controlplane/cmd/controlplane")
+	addr := "127.0.0.1:" + strconv.Itoa(freePort(b))
+	var cmd *exec.Cmd
+	if link == "" {
+		cmd = exec.Command(bin, "--generate", strconv.Itoa(n), "--addr", addr)
+	} else {
+		ns := testenv.NewNetns(b, "cp")
+		testenv.RequireCommands(b, "tc")
+		const hostIP, cpIP = "10.253.0.1", "10.253.0.2"
+		veth := fmt.Sprintf("orb%d", os.Getpid()%100000)
+		testenv.Run(b, "ip", "link", "add", veth, "type", "veth", "peer", "name", veth+"p")
+		b.Cleanup(func() { _, _ = testenv.RunErr("ip", "link", "del", veth) })
+		testenv.Run(b, "ip", "link", "set", veth+"p", "netns", ns.Name)
+		testenv.Run(b, "ip", "addr", "add", hostIP+"/30", "dev", veth)
+		testenv.Run(b, "ip", "link", "set", veth, "up")
+		ns.Run(b, "ip", "addr", "add", cpIP+"/30", "dev", veth+"p")
+		ns.Run(b, "ip", "link", "set", veth+"p", "up")
+		// A token bucket at the link's rate each way; the burst is a
+		// few packets' worth, as a switch port would allow.
+		shape := []string{"qdisc", "add", "dev", "", "root", "tbf", "rate", link, "burst", "64kb", "latency", "50ms"}
+		shape[3] = veth
+		testenv.Run(b, "tc", shape...)
+		shape[3] = veth + "p"
+		ns.Run(b, "tc", shape...)
+		addr = cpIP + ":15010"
+		cmd = ns.Command(bin, "--generate", strconv.Itoa(n), "--addr", addr)
+	}
+	var stderr testenv.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		_ = cmd.Wait()
+	})
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			c.Close()
+			return addr
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("control plane not listening on %s: %v\n%s", addr, err, stderr.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// freePort is a loopback TCP port nothing listens on now.
+func freePort(b *testing.B) int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// startProxyProcess runs xdsproxycmd towards upstream. stop ends it.
+func startProxyProcess(b *testing.B, bin, upstream, mode string) (sock string, pid int, stop func()) {
 	b.Helper()
 	sock = filepath.Join(b.TempDir(), "XDS")
 	args := []string{"-socket", sock, "-upstream", upstream}
@@ -80,28 +199,26 @@ func startProxyProcess(b *testing.B, bin, upstream, mode string) (sock string, s
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
 	}
-	var peak float64
-	done := false
-	stop = func() float64 {
-		if done {
-			return peak
-		}
-		done = true
-		peak = peakRSSMB(b, cmd.Process.Pid)
-		_ = cmd.Process.Signal(os.Interrupt)
-		_ = cmd.Wait()
-		return peak
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			_ = cmd.Process.Signal(os.Interrupt)
+			_ = cmd.Wait()
+		})
 	}
-	b.Cleanup(func() { stop() })
+	b.Cleanup(stop)
 	waitFile(b, sock)
-	return sock, stop
+	return sock, cmd.Process.Pid, stop
 }
 
 // envoyWindow is Envoy's default HTTP/2 stream and connection window
 // (256 MiB): the stand-in Envoy receives as fast as Envoy does.
 const envoyWindow = 256 << 20
 
-func push(b *testing.B, target string, delta bool, i, services int) {
+// push opens an ADS stream to target, subscribes to CDS, receives the
+// push, ACKs it and returns how long that took.
+func push(b *testing.B, target string, delta bool, i, services int) time.Duration {
+	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	c, err := controlplane.DialADS(ctx, target, delta, &core.Node{Id: "bench-" + strconv.Itoa(i)},
@@ -120,9 +237,29 @@ func push(b *testing.B, target string, delta bool, i, services int) {
 	if r.Count < services {
 		b.Fatalf("%d clusters, want one per service (%d) and the passthrough ones", r.Count, services)
 	}
+	took := time.Since(start)
 	if err := c.ACK(r, nil); err != nil {
 		b.Fatal(err)
 	}
+	return took
+}
+
+// cpuTime is a process's user+system CPU time so far, all threads, at the
+// kernel's tick resolution (10 ms at USER_HZ 100: read it over many pushes).
+func cpuTime(b *testing.B, pid int) time.Duration {
+	s, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		b.Fatal(err)
+	}
+	// Fields after the command name (which may hold spaces): state is
+	// field 3, utime 14 and stime 15.
+	f := strings.Fields(string(s[bytes.LastIndexByte(s, ')')+1:]))
+	ut, err1 := strconv.ParseInt(f[11], 10, 64)
+	st, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		b.Fatalf("/proc/%d/stat: utime %q, stime %q", pid, f[11], f[12])
+	}
+	return time.Duration(ut+st) * (time.Second / 100)
 }
 
 // peakRSSMB reads a process's high-water resident set size.
