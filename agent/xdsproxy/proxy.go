@@ -55,7 +55,7 @@ func New(cfg Config, log *zap.Logger) (*Proxy, error) {
 		log:     log.Named("xdsproxy"),
 		codec:   newRawCodec(),
 		metrics: newMetrics(cfg.Registerer),
-		cache:   newLastGood(),
+		cache:   newLastGood(compactAfter),
 	}, nil
 }
 
