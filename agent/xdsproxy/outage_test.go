@@ -438,3 +438,59 @@ func (ps *pushServer) DeltaAggregatedResources(st discovery.AggregatedDiscoveryS
 }
 
 func listenTCP(addr string) (net.Listener, error) { return net.Listen("tcp", addr) }
+
+// A new Envoy stream reuses the working upstream connection (no new TCP or
+// TLS handshake with istiod); a stream that failed because the control
+// plane went away drops it, and the reconnection dials afresh.
+func TestUpstreamConnectionReuse(t *testing.T) {
+	cp := startCP(t, controlplane.Config{}, smallMesh(2))
+	p := startProxy(t, Config{DiscoveryAddress: cp.Addr(), Plaintext: true})
+	if p.cfg.Transport == TransportCutThrough {
+		t.Skip("the cut-through transport dials per stream")
+	}
+	shared := func() *grpc.ClientConn {
+		p.upMu.Lock()
+		defer p.upMu.Unlock()
+		return p.upConn
+	}
+	getCDS := func(c *controlplane.Client) {
+		t.Helper()
+		if err := c.Subscribe(cdsType, nil, "", nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.ACK(recvType(t, c, cdsType), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	c1 := dialEnvoy(t, p.socket, false, "n1")
+	getCDS(c1)
+	first := shared()
+	if first == nil {
+		t.Fatal("no shared upstream connection while a stream is up")
+	}
+	c1.Close()
+	c2 := dialEnvoy(t, p.socket, false, "n1") // Envoy restarted
+	getCDS(c2)
+	if got := shared(); got != first {
+		t.Fatalf("the restarted Envoy's stream got a new upstream connection (%p, was %p)", got, first)
+	}
+
+	cp.Stop()
+	deadline := time.Now().Add(5 * time.Second)
+	for shared() == first {
+		if time.Now().After(deadline) {
+			t.Fatal("the connection whose stream failed is still shared")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := cp.Start(); err != nil {
+		t.Fatal(err)
+	}
+	c2.Close()
+	c3 := dialEnvoy(t, p.socket, false, "n1")
+	getCDS(c3)
+	if got := shared(); got == nil || got == first {
+		t.Fatalf("after the control plane came back: shared connection %p, the failed one was %p", got, first)
+	}
+}

@@ -40,6 +40,12 @@ type Proxy struct {
 	mu     sync.Mutex
 	active *session
 	nextID uint64
+
+	// The upstream connection (grpc transport), shared by the streams
+	// while it works; see sharedConn.
+	upMu      sync.Mutex
+	upConn    *grpc.ClientConn
+	upStopped bool
 }
 
 // New validates cfg and builds a proxy; Run starts serving.
@@ -113,6 +119,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 	// every Envoy stream and, through them, the upstream streams.
 	srv.Stop()
 	<-errc
+	p.dropConn(nil)
 	p.cache.close()
 	_ = os.Remove(p.cfg.SocketPath)
 	return nil

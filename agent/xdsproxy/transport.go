@@ -2,6 +2,8 @@ package xdsproxy
 
 import (
 	"context"
+	"errors"
+	"sync/atomic"
 
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
@@ -27,7 +29,8 @@ type upstream interface {
 	// RecvFrame returns the next response; a growing one must be filled
 	// (f.g.fill) before the next call.
 	RecvFrame(delta bool) (*frame, error)
-	// Close ends the stream and its connection.
+	// Close ends the stream (and its connection, unless a healthy one is
+	// kept for the next stream).
 	Close()
 }
 
@@ -40,20 +43,42 @@ func (d grpcDown) RecvMsg(m proto.Message) error { return d.ServerStream.RecvMsg
 // transport, whose Envoy side is h2Down.
 func (d grpcDown) SendFrame(f *frame) error { return d.SendMsg(f) }
 
-// grpcUp is an upstream stream over grpc-go.
+// grpcUp is an upstream stream over grpc-go, on the proxy's shared
+// connection.
 type grpcUp struct {
+	p      *Proxy
+	ctx    context.Context // the stream's parent: its cause tells why it ended
 	conn   *grpc.ClientConn
 	stream grpc.ClientStream
+	cancel context.CancelFunc
+	// failed: the stream broke while the agent still wanted it, so the
+	// connection or the control plane is at fault.
+	failed atomic.Bool
 }
 
-func (u grpcUp) SendMsg(m proto.Message) error { return u.stream.SendMsg(m) }
+func (u *grpcUp) SendMsg(m proto.Message) error { return u.check(u.stream.SendMsg(m)) }
 
-func (u grpcUp) RecvFrame(delta bool) (*frame, error) {
+func (u *grpcUp) RecvFrame(delta bool) (*frame, error) {
 	f := &frame{delta: delta}
-	if err := u.stream.RecvMsg(f); err != nil {
+	if err := u.check(u.stream.RecvMsg(f)); err != nil {
 		return nil, err
 	}
 	return f, nil
 }
 
-func (u grpcUp) Close() { _ = u.conn.Close() }
+func (u *grpcUp) check(err error) error {
+	if err != nil && u.ctx.Err() == nil {
+		u.failed.Store(true)
+	}
+	return err
+}
+
+// Close ends the stream. The connection is kept for the next stream when
+// the stream ended because its Envoy went away (or the agent stops), and
+// dropped when it failed or stalled.
+func (u *grpcUp) Close() {
+	u.cancel()
+	if u.failed.Load() || errors.Is(context.Cause(u.ctx), errStalled) {
+		u.p.dropConn(u.conn)
+	}
+}

@@ -35,9 +35,7 @@ const (
 
 var adsStreamDesc = grpc.StreamDesc{ServerStreams: true, ClientStreams: true}
 
-// dial opens a fresh upstream connection. A connection per stream (as Istio
-// does) means a new Envoy stream never inherits the state of an old one, and
-// the root CA and token are read again on every attempt.
+// dial opens a fresh upstream connection; the root CA is read again.
 func (p *Proxy) dial() (*grpc.ClientConn, error) {
 	creds := insecure.NewCredentials()
 	if !p.cfg.Plaintext {
@@ -80,16 +78,57 @@ func (p *Proxy) openUpstream(ctx context.Context, method string) (upstream, erro
 	if p.cfg.Transport == TransportCutThrough {
 		return p.openH2(ctx, method)
 	}
-	conn, err := p.dial()
+	conn, err := p.sharedConn()
 	if err != nil {
 		return nil, err
 	}
-	stream, err := p.openStream(ctx, conn, method)
+	sctx, cancel := context.WithCancel(ctx)
+	stream, err := p.openStream(sctx, conn, method)
 	if err != nil {
-		conn.Close()
+		cancel()
+		p.dropConn(conn)
 		return nil, err
 	}
-	return grpcUp{conn: conn, stream: stream}, nil
+	return &grpcUp{p: p, ctx: ctx, conn: conn, stream: stream, cancel: cancel}, nil
+}
+
+// sharedConn returns the upstream connection, dialing one if there is
+// none. Istio dials a connection per Envoy stream; the agent keeps one
+// while it works, so a restarted Envoy's first push does not wait for a
+// TCP and TLS handshake with istiod (and istiod does not pay for one).
+// Any stream that fails through the connection or the control plane drops
+// it (dropConn), so a reconnection after a failure always starts afresh:
+// new handshake, root CA read again. The token is read for every stream.
+func (p *Proxy) sharedConn() (*grpc.ClientConn, error) {
+	p.upMu.Lock()
+	defer p.upMu.Unlock()
+	if p.upStopped {
+		return nil, errors.New("xdsproxy: stopping")
+	}
+	if p.upConn == nil {
+		conn, err := p.dial()
+		if err != nil {
+			return nil, err
+		}
+		p.upConn = conn
+	}
+	return p.upConn, nil
+}
+
+// dropConn closes conn and forgets it if it is still the shared one; nil
+// drops whichever is shared, for good (the proxy stops).
+func (p *Proxy) dropConn(conn *grpc.ClientConn) {
+	p.upMu.Lock()
+	if conn == nil {
+		conn, p.upStopped = p.upConn, true
+	}
+	if p.upConn == conn {
+		p.upConn = nil
+	}
+	p.upMu.Unlock()
+	if conn != nil {
+		_ = conn.Close()
+	}
 }
 
 // streamMetadata is the upstream stream's metadata: ClusterID, then the
