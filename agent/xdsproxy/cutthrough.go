@@ -75,17 +75,23 @@ func (f *frame) next(sent int) (bufs mem.BufferSlice, done bool, err error) {
 	return f.data[sent:g.pub], g.done, nil
 }
 
-// appendChunk adds a received buffer; it is published at once unless it
-// completes the message.
-func (f *frame) appendChunk(b mem.Buffer) (complete bool) {
+// appendChunks adds received buffers; they are published at once, but the
+// last one is held back if it completes the message.
+func (f *frame) appendChunks(bufs mem.BufferSlice) (complete bool) {
 	g := f.g
 	g.mu.Lock()
-	f.starts = append(f.starts, g.have)
-	f.data = append(f.data, b)
-	g.have += b.Len()
+	for _, b := range bufs {
+		f.starts = append(f.starts, g.have)
+		f.data = append(f.data, b)
+		g.have += b.Len()
+	}
 	complete = g.have == f.size
-	if !complete {
-		g.pub = len(f.data)
+	pub := len(f.data)
+	if complete {
+		pub--
+	}
+	if pub > g.pub {
+		g.pub = pub
 		g.cond.Broadcast()
 	}
 	g.mu.Unlock()
@@ -132,51 +138,48 @@ func readMessageHeader(r io.Reader, max int) (int, error) {
 	return n, nil
 }
 
-// readChunk reads at most n bytes (as many as are there) into a pooled
-// buffer.
-func readChunk(r io.Reader, n int) (mem.Buffer, error) {
-	var b mem.Buffer
+// readChunks appends to dst at most n bytes (as many as are there, at
+// least one) in pooled buffers.
+func readChunks(r io.Reader, dst mem.BufferSlice, n int) (mem.BufferSlice, error) {
 	var err error
+	k := len(dst)
 	if cr, ok := r.(chunkReader); ok {
-		var s []byte
-		if s, err = cr.ReadChunk(min(n, chunkSize)); len(s) > 0 {
-			b = mem.SliceBuffer(s)
-		}
+		dst, err = cr.ReadBuffers(dst, n)
 	} else {
 		buf := bufPool.Get(min(n, chunkSize))
-		var k int
-		if k, err = r.Read(*buf); k > 0 {
-			*buf = (*buf)[:k]
-			b = mem.NewBuffer(buf, bufPool)
+		var m int
+		if m, err = r.Read(*buf); m > 0 {
+			*buf = (*buf)[:m]
+			dst = append(dst, mem.NewBuffer(buf, bufPool))
 		} else {
 			bufPool.Put(buf)
 		}
 	}
-	if b != nil {
-		return b, nil
+	if len(dst) > k {
+		return dst, nil
 	}
 	if err == nil || errors.Is(err, io.EOF) {
 		err = status.Error(codes.Internal, "stream ended inside a message")
 	}
-	return nil, err
+	return dst, err
 }
 
-// chunkReader hands over received bytes without a copy (h2grpc).
+// chunkReader hands over received buffers without a copy (h2grpc).
 type chunkReader interface {
-	ReadChunk(max int) ([]byte, error)
+	ReadBuffers(dst mem.BufferSlice, max int) (mem.BufferSlice, error)
 }
 
 // readWhole reads an n-byte message body into pooled buffers.
 func readWhole(r io.Reader, n int) (mem.BufferSlice, error) {
 	var bufs mem.BufferSlice
 	for have := 0; have < n; {
-		b, err := readChunk(r, n-have)
-		if err != nil {
+		k := len(bufs)
+		var err error
+		if bufs, err = readChunks(r, bufs, n-have); err != nil {
 			bufs.Free()
 			return nil, err
 		}
-		bufs = append(bufs, b)
-		have += b.Len()
+		have += bufs[k:].Len()
 	}
 	return bufs, nil
 }
@@ -200,14 +203,19 @@ func recvFrame(r io.Reader, delta bool) (*frame, error) {
 	f.g.cond = sync.NewCond(&f.g.mu)
 	f.refs.Store(1)
 	var prefix []byte
+	var batch mem.BufferSlice
 	for f.g.have < n && len(prefix) < sniffMax {
-		b, err := readChunk(r, n-f.g.have)
+		batch, err = readChunks(r, batch[:0], n-f.g.have)
 		if err != nil {
 			f.data.Free()
 			return nil, err
 		}
-		f.appendChunk(b)
-		prefix = append(prefix, b.ReadOnlyData()[:min(b.Len(), sniffMax-len(prefix))]...)
+		f.appendChunks(batch)
+		for _, b := range batch {
+			if len(prefix) < sniffMax {
+				prefix = append(prefix, b.ReadOnlyData()[:min(b.Len(), sniffMax-len(prefix))]...)
+			}
+		}
 		t, ok := sniffType(prefix, delta)
 		if !ok {
 			continue
@@ -221,12 +229,12 @@ func recvFrame(r io.Reader, delta bool) (*frame, error) {
 	}
 	// Received whole: the type is not Envoy's, or not found early.
 	for f.g.have < n {
-		b, err := readChunk(r, n-f.g.have)
+		batch, err = readChunks(r, batch[:0], n-f.g.have)
 		if err != nil {
 			f.data.Free()
 			return nil, err
 		}
-		f.appendChunk(b)
+		f.appendChunks(batch)
 	}
 	data := f.data
 	return newFrame(delta, data)
@@ -236,6 +244,7 @@ func recvFrame(r io.Reader, delta bool) (*frame, error) {
 // aborted.
 func fillFrame(r io.Reader, f *frame, finalize func(env *frame)) error {
 	err := func() error {
+		var batch mem.BufferSlice
 		for {
 			f.g.mu.Lock()
 			left := f.size - f.g.have
@@ -243,11 +252,11 @@ func fillFrame(r io.Reader, f *frame, finalize func(env *frame)) error {
 			if left == 0 {
 				return nil
 			}
-			b, err := readChunk(r, left)
-			if err != nil {
+			var err error
+			if batch, err = readChunks(r, batch[:0], left); err != nil {
 				return err
 			}
-			if f.appendChunk(b) {
+			if f.appendChunks(batch) {
 				return nil
 			}
 		}

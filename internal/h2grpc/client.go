@@ -16,6 +16,7 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
 )
 
@@ -129,7 +130,7 @@ func handshakeClient(ctx context.Context, nc net.Conn, cfg DialConfig, log *zap.
 	}
 
 	cc := &ClientConn{cfg: cfg, scheme: scheme, nextID: 1, readerDone: make(chan struct{})}
-	cc.conn = newConn(nc, log, newChunkPool(), int64(cfg.Window), cfg.KeepaliveInterval, cfg.KeepaliveTimeout)
+	cc.conn = newConn(nc, log, newChunkPool(), slabs, int64(cfg.Window), cfg.KeepaliveInterval, cfg.KeepaliveTimeout)
 	cc.conn.role = cc
 
 	cc.wmu.Lock()
@@ -524,7 +525,10 @@ func (cs *ClientStream) CloseSend() error {
 // matching status error (see the package tests for the mapping).
 func (cs *ClientStream) Read(p []byte) (int, error) { return cs.st.read(p) }
 
-// ReadChunk is Read without a copy: it returns up to max bytes that arrived
-// (at least one), handing over the receive buffer itself where it can. The
-// caller owns the slice. Errors as Read.
-func (cs *ClientStream) ReadChunk(max int) ([]byte, error) { return cs.st.readChunk(max) }
+// ReadBuffers is Read without a copy: it appends to dst up to max bytes (at
+// least one) of what has arrived, handing over the receive buffers
+// themselves where it can. The caller owns the appended buffers and frees
+// each (mem.Buffer.Free) when done. Errors as Read.
+func (cs *ClientStream) ReadBuffers(dst mem.BufferSlice, max int) (mem.BufferSlice, error) {
+	return cs.st.readBuffers(dst, max)
+}

@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
@@ -392,10 +393,10 @@ func TestClientKeepaliveDetectsHungServer(t *testing.T) {
 	}
 }
 
-// TestClientReadChunk reads the whole response body with ReadChunk and
+// TestClientReadBuffers reads the whole response body with ReadBuffers and
 // checks it only at the end: a handed-over buffer that the stream reused
 // would show as corrupted earlier bytes.
-func TestClientReadChunk(t *testing.T) {
+func TestClientReadBuffers(t *testing.T) {
 	addr := startGRPCServer(t, echoHandler)
 	cc := dial(t, DialConfig{Address: addr})
 	cs, err := cc.NewStream(context.Background(), echoMethod, nil)
@@ -416,24 +417,76 @@ func TestClientReadChunk(t *testing.T) {
 			t.Errorf("CloseSend: %v", err)
 		}
 	})
-	var chunks [][]byte
-	total := 0
+	var bufs mem.BufferSlice
 	for {
-		b, err := cs.ReadChunk(7000)
+		n := len(bufs)
+		bufs, err = cs.ReadBuffers(bufs, 7000)
 		if err == io.EOF {
 			break
 		}
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(b) == 0 || len(b) > 7000 {
-			t.Fatalf("ReadChunk(7000) returned %d bytes", len(b))
+		if got := bufs[n:].Len(); got == 0 || got > 7000 {
+			t.Fatalf("ReadBuffers(7000) returned %d bytes", got)
 		}
-		chunks = append(chunks, b)
-		total += len(b)
 	}
 	wg.Wait()
-	if got := bytes.Join(chunks, nil); !bytes.Equal(got, want) {
-		t.Fatalf("read %d bytes in %d chunks, want %d: content differs", total, len(chunks), len(want))
+	if got := bufs.Materialize(); !bytes.Equal(got, want) {
+		t.Fatalf("read %d bytes in %d buffers, want %d: content differs", len(got), len(bufs), len(want))
+	}
+	bufs.Free()
+}
+
+// TestClientReadBuffersFreed frees each buffer as soon as it is checked, so
+// the connection's read buffers return to the pool and are read into again
+// while the body still arrives: a slab recycled while a view of it was
+// still out would show as a content mismatch.
+func TestClientReadBuffersFreed(t *testing.T) {
+	addr := startGRPCServer(t, echoHandler)
+	cc := dial(t, DialConfig{Address: addr})
+	cs, err := cc.NewStream(context.Background(), echoMethod, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := frameMsg(payload(8 << 20))
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if _, err := cs.Write(want); err != nil {
+			t.Errorf("Write: %v", err)
+		}
+		if err := cs.CloseSend(); err != nil {
+			t.Errorf("CloseSend: %v", err)
+		}
+	})
+	off, heldOff := 0, 0
+	var held mem.BufferSlice // the previous batch, checked again and freed one batch late
+	check := func(bufs mem.BufferSlice, off int) int {
+		for _, b := range bufs {
+			d := b.ReadOnlyData()
+			if !bytes.Equal(d, want[off:off+len(d)]) {
+				t.Fatalf("bytes %d-%d differ", off, off+len(d))
+			}
+			off += len(d)
+		}
+		return off
+	}
+	for {
+		bufs, err := cs.ReadBuffers(nil, 100000)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		check(held, heldOff)
+		held.Free()
+		held, heldOff = bufs, off
+		off = check(bufs, off)
+	}
+	held.Free()
+	wg.Wait()
+	if off != len(want) {
+		t.Fatalf("read %d bytes, want %d", off, len(want))
 	}
 }

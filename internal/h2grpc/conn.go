@@ -70,9 +70,11 @@ type conn struct {
 	log  *zap.Logger
 	role roleHooks
 	pool *sync.Pool
+	// slabs recycles read buffers (shared like pool).
+	slabs *slabPool
 
 	// Read side: the reader goroutine only.
-	br          *bufio.Reader
+	br          *slabReader
 	rfr         *http2.Framer
 	scratch     []byte
 	recvWindow  int64 // stream window we advertise
@@ -121,12 +123,13 @@ type conn struct {
 	done chan struct{}
 }
 
-func newConn(nc net.Conn, log *zap.Logger, pool *sync.Pool, window int64, kaInterval, kaTimeout time.Duration) *conn {
+func newConn(nc net.Conn, log *zap.Logger, pool *sync.Pool, slabs *slabPool, window int64, kaInterval, kaTimeout time.Duration) *conn {
 	c := &conn{
 		nc:             nc,
 		log:            log,
 		pool:           pool,
-		br:             bufio.NewReaderSize(nc, ioBufSize),
+		slabs:          slabs,
+		br:             newSlabReader(nc, slabs),
 		scratch:        make([]byte, chunkSize),
 		recvWindow:     window,
 		connWindow:     window,
@@ -586,10 +589,20 @@ func (c *conn) readData(fh http2.FrameHeader) error {
 		}
 		st.mu.Unlock()
 	}
-	if accept {
+	if accept && data >= viewMin {
+		v, err := c.br.view(data)
+		if err != nil {
+			return err
+		}
+		st.mu.Lock()
+		st.q.pushView(v)
+		st.mu.Unlock()
+	} else if accept {
 		if err := st.q.fillFrom(c.br, data, &st.mu, c.scratch); err != nil {
 			return err
 		}
+	}
+	if accept {
 		st.mu.Lock()
 		if end && !st.recvDone {
 			st.recvDone, st.recvHalfClosed, st.recvErr = true, true, c.role.dataEnded()
@@ -599,10 +612,10 @@ func (c *conn) readData(fh http2.FrameHeader) error {
 		if end {
 			st.recvClosed()
 		}
-	} else if _, err := c.br.Discard(data); err != nil {
+	} else if err := c.br.Discard(data); err != nil {
 		return err
 	}
-	if _, err := c.br.Discard(pad); err != nil {
+	if err := c.br.Discard(pad); err != nil {
 		return err
 	}
 	if rstCode != 0 {

@@ -3,10 +3,13 @@ package h2grpc
 import (
 	"io"
 	"sync"
+
+	"google.golang.org/grpc/mem"
 )
 
-// chunkSize is the size of a receive chunk: one DATA frame at the default
-// SETTINGS_MAX_FRAME_SIZE we advertise (we do not raise it).
+// chunkSize is the size of a receive chunk for payloads that are copied:
+// one DATA frame at the default SETTINGS_MAX_FRAME_SIZE we advertise (we do
+// not raise it).
 const chunkSize = 16384
 
 // chunk holds received bytes b[r:w].
@@ -19,73 +22,115 @@ func newChunkPool() *sync.Pool {
 	return &sync.Pool{New: func() any { return &chunk{b: make([]byte, chunkSize)} }}
 }
 
-// recvQueue is a stream's received, not yet read, body bytes. A frame's payload
-// is read from the connection straight into a fresh chunk when it does not fit
-// the free tail of the last one; small frames are copied into that tail, so
-// the memory held stays within about twice the bytes buffered (a flood of
-// one-byte frames cannot pin a chunk each).
+// qitem is one piece of a recvQueue: a view of a connection slab (large
+// payloads, never copied) or a chunk the queue owns (small payloads, copied).
+type qitem struct {
+	v mem.Buffer
+	c *chunk
+}
+
+func (it qitem) len() int {
+	if it.v != nil {
+		return it.v.Len()
+	}
+	return it.c.w - it.c.r
+}
+
+// recvQueue is a stream's received, not yet read, body bytes. A large
+// payload is queued as a view of the connection's read buffer; small ones
+// are copied into the free tail of the last chunk (or a fresh one), so the
+// memory held stays bounded by a small multiple of the bytes buffered (a
+// flood of one-byte frames cannot pin a buffer each).
 //
 // The reader goroutine owns a chunk until it pushes it; after that every
 // access is under the stream's lock.
 type recvQueue struct {
-	chunks []*chunk
-	n      int // bytes buffered
-	pool   *sync.Pool
+	items []qitem
+	n     int // bytes buffered
+	pool  *sync.Pool
 }
 
 // tailFree is how many bytes fit after the last chunk's data.
 func (q *recvQueue) tailFree() int {
-	if len(q.chunks) == 0 {
+	if len(q.items) == 0 {
 		return 0
 	}
-	t := q.chunks[len(q.chunks)-1]
+	t := q.items[len(q.items)-1].c
+	if t == nil {
+		return 0
+	}
 	return len(t.b) - t.w
 }
 
 // appendTail copies p into the last chunk's free space; p must fit.
 func (q *recvQueue) appendTail(p []byte) {
-	t := q.chunks[len(q.chunks)-1]
+	t := q.items[len(q.items)-1].c
 	t.w += copy(t.b[t.w:], p)
 	q.n += len(p)
 }
 
 func (q *recvQueue) push(c *chunk) {
-	q.chunks = append(q.chunks, c)
+	q.items = append(q.items, qitem{c: c})
 	q.n += c.w - c.r
 }
 
-// read copies buffered bytes into p, releasing drained chunks (the tail is
-// kept and rewound for reuse).
+// pushView queues a view, taking over the caller's reference.
+func (q *recvQueue) pushView(v mem.Buffer) {
+	q.items = append(q.items, qitem{v: v})
+	q.n += v.Len()
+}
+
+// pop drops the first item (already drained or handed over).
+func (q *recvQueue) pop() {
+	q.items[0] = qitem{}
+	q.items = q.items[1:]
+}
+
+// read copies buffered bytes into p, releasing drained pieces (the tail
+// chunk is kept and rewound for reuse).
 func (q *recvQueue) read(p []byte) int {
 	n := 0
-	for n < len(p) && len(q.chunks) > 0 {
-		c := q.chunks[0]
+	for n < len(p) && len(q.items) > 0 {
+		it := &q.items[0]
+		if it.v != nil {
+			k, rest := mem.ReadUnsafe(p[n:], it.v)
+			n += k
+			if rest != nil {
+				it.v = rest
+				break
+			}
+			q.pop()
+			continue
+		}
+		c := it.c
 		k := copy(p[n:], c.b[c.r:c.w])
 		c.r += k
 		n += k
 		if c.r < c.w {
 			break
 		}
-		if len(q.chunks) == 1 {
+		if len(q.items) == 1 {
 			c.r, c.w = 0, 0
 			break
 		}
-		q.chunks[0] = nil
-		q.chunks = q.chunks[1:]
+		q.pop()
 		q.pool.Put(c)
 	}
 	q.n -= n
 	return n
 }
 
-// release returns every chunk to the pool; the queue is empty afterwards.
+// release frees every piece; the queue is empty afterwards.
 func (q *recvQueue) release() {
-	for i, c := range q.chunks {
-		c.r, c.w = 0, 0
-		q.pool.Put(c)
-		q.chunks[i] = nil
+	for _, it := range q.items {
+		if it.v != nil {
+			it.v.Free()
+			continue
+		}
+		it.c.r, it.c.w = 0, 0
+		q.pool.Put(it.c)
 	}
-	q.chunks = nil
+	q.items = nil
 	q.n = 0
 }
 
@@ -129,20 +174,43 @@ func (q *recvQueue) fillFrom(r io.Reader, n int, mu *sync.Mutex, scratch []byte)
 }
 
 // take removes up to max bytes from the front of the queue (which must not
-// be empty) and returns them: the first chunk's own memory when it goes
-// whole and nothing can be appended to it any more (the chunk then belongs
-// to the caller and is never pooled again), else a copy.
-func (q *recvQueue) take(max int) []byte {
-	c := q.chunks[0]
+// be empty) and returns them: a view as it is (split if longer than max),
+// the first chunk's own memory when it goes whole and nothing can be
+// appended to it any more (the chunk then belongs to the caller and is
+// never pooled again), else a copy.
+func (q *recvQueue) take(max int) mem.Buffer {
+	it := &q.items[0]
+	if it.v != nil {
+		v := it.v
+		if v.Len() > max {
+			v, it.v = mem.SplitUnsafe(v, max)
+		} else {
+			q.pop()
+		}
+		q.n -= v.Len()
+		return v
+	}
+	c := it.c
 	avail := c.w - c.r
-	if avail > max || (len(q.chunks) == 1 && c.w < len(c.b)) {
+	if avail > max || (len(q.items) == 1 && c.w < len(c.b)) {
 		out := make([]byte, min(avail, max))
 		q.read(out)
-		return out
+		return mem.SliceBuffer(out)
 	}
 	out := c.b[c.r:c.w:c.w]
-	q.chunks[0] = nil
-	q.chunks = q.chunks[1:]
+	q.pop()
 	q.n -= len(out)
-	return out
+	return mem.SliceBuffer(out)
+}
+
+// takeAll appends buffered pieces to dst until max bytes (at least one
+// piece; the queue must not be empty).
+func (q *recvQueue) takeAll(dst mem.BufferSlice, max int) (mem.BufferSlice, int) {
+	got := 0
+	for got < max && q.n > 0 {
+		b := q.take(max - got)
+		dst = append(dst, b)
+		got += b.Len()
+	}
+	return dst, got
 }

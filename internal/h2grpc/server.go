@@ -163,7 +163,7 @@ type serverConn struct {
 
 func (s *Server) newServerConn(nc net.Conn) *serverConn {
 	sc := &serverConn{srv: s}
-	sc.conn = newConn(nc, s.log.With(zap.String("peer", nc.RemoteAddr().String())), s.pool,
+	sc.conn = newConn(nc, s.log.With(zap.String("peer", nc.RemoteAddr().String())), s.pool, slabs,
 		defaultWindow, s.cfg.KeepaliveInterval, s.cfg.KeepaliveTimeout)
 	sc.conn.role = sc
 	return sc

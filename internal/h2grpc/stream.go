@@ -4,6 +4,7 @@ import (
 	"sync"
 
 	"golang.org/x/net/http2"
+	"google.golang.org/grpc/mem"
 )
 
 // stream is the state both roles keep for one HTTP/2 stream.
@@ -96,14 +97,14 @@ func (st *stream) read(p []byte) (int, error) {
 	return n, err
 }
 
-// readChunk is read without a copy where it can: see recvQueue.take.
-func (st *stream) readChunk(max int) ([]byte, error) {
+// readBuffers appends to dst up to max bytes (at least one) of what has
+// arrived, without a copy where it can: see recvQueue.take.
+func (st *stream) readBuffers(dst mem.BufferSlice, max int) (mem.BufferSlice, error) {
 	if max <= 0 {
-		return nil, nil
+		return dst, nil
 	}
-	var out []byte
-	_, _, err := st.readWith(func() int { out = st.q.take(max); return len(out) })
-	return out, err
+	_, _, err := st.readWith(func() (n int) { dst, n = st.q.takeAll(dst, max); return n })
+	return dst, err
 }
 
 // readWith waits for buffered bytes, consumes them with take (under the
