@@ -407,8 +407,28 @@ type flusher interface {
 	Flush() error
 }
 
+// vecWriter writes and flushes several byte slices at once, without copying
+// them where it can (h2grpc.ServerStream).
+type vecWriter interface {
+	WriteBuffers(bufs [][]byte) error
+}
+
+// writeBufs writes bufs and flushes.
+func writeBufs(w flusher, bufs [][]byte) error {
+	if vw, ok := w.(vecWriter); ok {
+		return vw.WriteBuffers(bufs)
+	}
+	for _, b := range bufs {
+		if _, err := w.Write(b); err != nil {
+			return err
+		}
+	}
+	return w.Flush()
+}
+
 // writeFrame writes f as a gRPC message, following a growing frame as it
-// arrives.
+// arrives: each batch that arrived while the previous one was written goes
+// out in one write.
 func writeFrame(w flusher, f *frame) error {
 	if f.growing() {
 		// Skip a frame that failed before any of it was sent.
@@ -421,16 +441,12 @@ func writeFrame(w flusher, f *frame) error {
 	}
 	var hdr [5]byte
 	binary.BigEndian.PutUint32(hdr[1:], uint32(f.size))
-	if _, err := w.Write(hdr[:]); err != nil {
-		return err
-	}
+	vec := append(make([][]byte, 0, 64), hdr[:])
 	if !f.growing() {
 		for _, b := range f.data {
-			if _, err := w.Write(b.ReadOnlyData()); err != nil {
-				return err
-			}
+			vec = append(vec, b.ReadOnlyData())
 		}
-		return w.Flush()
+		return writeBufs(w, vec)
 	}
 	for sent := 0; ; {
 		bufs, done, err := f.next(sent)
@@ -441,14 +457,13 @@ func writeFrame(w flusher, f *frame) error {
 			return err
 		}
 		for _, b := range bufs {
-			if _, err := w.Write(b.ReadOnlyData()); err != nil {
-				return err
-			}
+			vec = append(vec, b.ReadOnlyData())
 		}
 		sent += len(bufs)
-		if err := w.Flush(); err != nil {
+		if err := writeBufs(w, vec); err != nil {
 			return err
 		}
+		vec = vec[:0]
 		if done {
 			return nil
 		}

@@ -23,6 +23,9 @@ const (
 	defaultWindow = 4 << 20
 	// ioBufSize is the size of the per-connection read and write buffers.
 	ioBufSize = 64 << 10
+	// maxVecReservation caps how much one writev (writeBuffers) sends under
+	// the writer lock.
+	maxVecReservation = 256 << 10
 	// maxReservation caps how much one Write sends under the writer lock, so
 	// streams sharing a connection take turns.
 	maxReservation = 64 << 10
@@ -91,6 +94,9 @@ type conn struct {
 	hdr        [9]byte
 	werr       error
 	ctlOut     []byte
+	vectored   bool         // nc takes writev (net.Buffers): a plain socket
+	iov        [][]byte     // writeVecLocked's scratch
+	vhdr       []byte       // frame headers of one writev
 	tableSize  atomic.Int64 // peer's SETTINGS_HEADER_TABLE_SIZE to apply, -1 none
 	peerMaxFrm atomic.Uint32
 
@@ -144,6 +150,10 @@ func newConn(nc net.Conn, log *zap.Logger, pool *sync.Pool, slabs *slabPool, win
 		kaTimeout:      kaTimeout,
 		start:          time.Now(),
 		done:           make(chan struct{}),
+	}
+	switch nc.(type) {
+	case *net.TCPConn, *net.UnixConn:
+		c.vectored = true
 	}
 	c.rfr = http2.NewFramer(nil, c.br)
 	c.rfr.SetMaxReadFrameSize(chunkSize)
@@ -316,6 +326,66 @@ func (c *conn) writeDataLocked(id uint32, p []byte, end bool) error {
 		p = p[k:]
 	}
 	return nil
+}
+
+// writeVecLocked writes the first n bytes of bufs as DATA frames and
+// returns what is left of bufs. On a vectored connection the frames go out
+// at once in one writev, straight from bufs, after whatever is buffered;
+// else they are buffered as writeDataLocked does. wmu held.
+func (c *conn) writeVecLocked(id uint32, bufs [][]byte, n int) ([][]byte, error) {
+	if c.werr != nil {
+		return nil, c.werr
+	}
+	if !c.vectored {
+		for n > 0 {
+			k := min(n, len(bufs[0]))
+			if err := c.writeDataLocked(id, bufs[0][:k], false); err != nil {
+				return nil, err
+			}
+			n -= k
+			if bufs[0] = bufs[0][k:]; len(bufs[0]) == 0 {
+				bufs = bufs[1:]
+			}
+		}
+		return bufs, nil
+	}
+	if err := c.flushLocked(); err != nil {
+		return nil, err
+	}
+	maxF := int(c.peerMaxFrm.Load())
+	frames := (n + maxF - 1) / maxF
+	if cap(c.vhdr) < 9*frames {
+		c.vhdr = make([]byte, 9*frames)
+	}
+	hdrs := c.vhdr[:9*frames]
+	iov := c.iov[:0]
+	for n > 0 {
+		k := min(n, maxF)
+		h := hdrs[:9:9]
+		hdrs = hdrs[9:]
+		h[0], h[1], h[2] = byte(k>>16), byte(k>>8), byte(k)
+		h[3], h[4] = byte(http2.FrameData), 0
+		h[5], h[6], h[7], h[8] = byte(id>>24), byte(id>>16), byte(id>>8), byte(id)
+		iov = append(iov, h)
+		n -= k
+		for k > 0 {
+			m := min(k, len(bufs[0]))
+			iov = append(iov, bufs[0][:m])
+			k -= m
+			if bufs[0] = bufs[0][m:]; len(bufs[0]) == 0 {
+				bufs = bufs[1:]
+			}
+		}
+	}
+	c.iov = iov[:0]
+	nb := net.Buffers(iov)
+	_, err := nb.WriteTo(c.nc)
+	clear(iov)
+	if err != nil {
+		c.writeFailedLocked(err)
+		return nil, err
+	}
+	return bufs, nil
 }
 
 // goAway sends GOAWAY (best effort, bounded by goAwayWriteTimeout).

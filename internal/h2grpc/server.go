@@ -410,6 +410,17 @@ func (ss *ServerStream) Write(p []byte) (int, error) {
 	return ss.st.write(p)
 }
 
+// WriteBuffers writes bufs as response body bytes and flushes, like Write of
+// their concatenation then Flush; on a plain socket the bytes go from bufs
+// to the kernel without a copy. bufs itself may be modified, its byte
+// slices are not, and neither is kept after return.
+func (ss *ServerStream) WriteBuffers(bufs [][]byte) error {
+	if err := ss.sendHeaders(); err != nil {
+		return err
+	}
+	return ss.st.writeBuffers(bufs)
+}
+
 // Flush sends the response headers if not sent yet, and everything queued.
 func (ss *ServerStream) Flush() error {
 	if err := ss.sendHeaders(); err != nil {

@@ -34,17 +34,46 @@ func echo(st *ServerStream) error {
 	}
 }
 
+// echoVec is echo with WriteBuffers, each message cut into pieces of
+// uneven sizes (empty ones, pieces across DATA frame boundaries).
+func echoVec(st *ServerStream) error {
+	for {
+		msg, err := readMsg(st)
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		b := frameMsg(msg)
+		var bufs [][]byte
+		for i, size := 0, 1; len(b) > 0; i++ {
+			k := min(len(b), size)
+			bufs = append(bufs, b[:k], nil)
+			b = b[k:]
+			size = size*3 + i
+		}
+		if err := st.WriteBuffers(bufs); err != nil {
+			return err
+		}
+	}
+}
+
 func TestServerAgainstGRPCClient(t *testing.T) {
 	tests := []struct {
 		name string
 		opts []grpc.DialOption
 		msgs [][]byte
+		vec  bool // the handler writes with WriteBuffers
 	}{
 		{name: "small", msgs: [][]byte{[]byte("a"), {}, payload(100)}},
 		{name: "8 MB", msgs: [][]byte{payload(8 << 20), payload(3)}},
 		// 64 KiB client windows: our Write blocks on flow control and
 		// resumes on WINDOW_UPDATE.
 		{name: "8 MB small windows", msgs: [][]byte{payload(8 << 20)},
+			opts: []grpc.DialOption{grpc.WithInitialWindowSize(65535), grpc.WithInitialConnWindowSize(65535)}},
+		{name: "WriteBuffers", msgs: [][]byte{[]byte("a"), {}, payload(8 << 20), payload(100)}, vec: true},
+		{name: "WriteBuffers small windows", msgs: [][]byte{payload(8 << 20), payload(3)}, vec: true,
 			opts: []grpc.DialOption{grpc.WithInitialWindowSize(65535), grpc.WithInitialConnWindowSize(65535)}},
 	}
 	for _, tt := range tests {
@@ -53,6 +82,9 @@ func TestServerAgainstGRPCClient(t *testing.T) {
 			var gotHeader []string
 			_, path := startServer(t, ServerConfig{Handle: func(st *ServerStream) error {
 				gotMethod, gotHeader = st.Method(), st.Header()["x-test"]
+				if tt.vec {
+					return echoVec(st)
+				}
 				return echo(st)
 			}})
 			cc := grpcClient(t, path, tt.opts...)

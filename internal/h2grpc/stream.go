@@ -171,6 +171,53 @@ func (st *stream) reserve(want int) (int, error) {
 	}
 }
 
+// tryReserve takes up to want bytes of both windows without waiting.
+func (st *stream) tryReserve(want int) int {
+	c := st.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if st.sendErr != nil {
+		return 0
+	}
+	n := max(0, min(int64(want), st.sendWindow, c.sendWindow))
+	st.sendWindow -= n
+	c.sendWindow -= n
+	return int(n)
+}
+
+// writeBuffers sends bufs as DATA and flushes. On a plain socket the
+// payload goes from bufs to the kernel in one writev per window
+// reservation (no copy into the write buffer); else it is written as
+// write does.
+func (st *stream) writeBuffers(bufs [][]byte) error {
+	c := st.c
+	left := 0
+	for _, b := range bufs {
+		left += len(b)
+	}
+	for left > 0 {
+		n, err := st.reserve(left)
+		if err != nil {
+			return err
+		}
+		for n < left && n < maxVecReservation {
+			k := st.tryReserve(min(left, maxVecReservation) - n)
+			if k == 0 {
+				break
+			}
+			n += k
+		}
+		c.wmu.Lock()
+		bufs, err = c.writeVecLocked(st.id, bufs, n)
+		c.unlockW()
+		if err != nil {
+			return c.role.lostErr(err)
+		}
+		left -= n
+	}
+	return c.flush()
+}
+
 // write sends p as DATA, blocking on flow control; buffered until a flush.
 func (st *stream) write(p []byte) (int, error) {
 	c := st.c
