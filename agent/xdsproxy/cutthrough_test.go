@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"sync"
 	"testing"
+	"time"
 
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/google/go-cmp/cmp"
@@ -85,9 +86,16 @@ func TestSniffType(t *testing.T) {
 type bufWriter struct {
 	bytes.Buffer
 	flushes int
+	// flushed, if set, is closed at the first flush.
+	flushed chan struct{}
 }
 
-func (w *bufWriter) Flush() error { w.flushes++; return nil }
+func (w *bufWriter) Flush() error {
+	if w.flushes++; w.flushes == 1 && w.flushed != nil {
+		close(w.flushed)
+	}
+	return nil
+}
 
 // trickle writes b to a pipe in small pieces, as a network would, and
 // returns the reading end; fail, if set, ends the stream with an error at
@@ -134,10 +142,19 @@ func TestRecvFrameCutThrough(t *testing.T) {
 			}
 			var out bufWriter
 			if f.growing() {
-				// The writer follows the frame while the filler reads it.
+				// The writer follows the frame while the filler reads it:
+				// it sends what arrived so far before the rest is read.
+				out.flushed = make(chan struct{})
 				var wg sync.WaitGroup
 				var werr error
 				wg.Go(func() { werr = writeFrame(&out, f) })
+				select {
+				case <-out.flushed:
+				case <-time.After(10 * time.Second):
+					f.abort(errors.New("test gave up"))
+					wg.Wait()
+					t.Fatal("nothing forwarded before the rest of the message was read")
+				}
 				var env *frame
 				if err := f.g.fill(func(e *frame) { env = e; f.setEnvelope(e) }); err != nil {
 					t.Fatal(err)
