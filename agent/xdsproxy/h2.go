@@ -3,6 +3,7 @@ package xdsproxy
 import (
 	"context"
 	"fmt"
+	"io"
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
@@ -52,9 +53,9 @@ func (d *h2Down) RecvMsg(m proto.Message) error {
 
 func (d *h2Down) SendFrame(f *frame) error { return writeFrame(d.st, f) }
 
-// h2Up is a stream to the control plane on its own connection.
+// h2Up is a stream to the control plane on the proxy's shared connection.
 type h2Up struct {
-	conn    *h2grpc.ClientConn
+	connUse
 	cs      *h2grpc.ClientStream
 	scratch []byte
 }
@@ -62,17 +63,21 @@ type h2Up struct {
 func (u *h2Up) SendMsg(m proto.Message) error {
 	var err error
 	if u.scratch, err = writeMessage(u.cs, m, u.scratch); err != nil {
-		return err
+		return u.check(err)
 	}
-	return u.cs.Flush()
+	return u.check(u.cs.Flush())
 }
 
-func (u *h2Up) RecvFrame(delta bool) (*frame, error) { return recvFrame(u.cs, delta) }
+func (u *h2Up) RecvFrame(delta bool) (*frame, error) {
+	f, err := recvFrame(u.cs, delta)
+	return f, u.check(err)
+}
 
-func (u *h2Up) Close() { _ = u.conn.Close() }
+func (u *h2Up) Close() { u.release() }
 
-// openH2 connects (TLS root and token read afresh) and opens an ADS stream
-// with the ClusterID and XDS_HEADER_* metadata.
+// openH2 opens an ADS stream with the ClusterID and XDS_HEADER_* metadata
+// and the token (read afresh) on the shared connection, dialing one (TLS
+// root read afresh) if there is none or the shared one turns out dead.
 func (p *Proxy) openH2(ctx context.Context, method string) (upstream, error) {
 	cfg := h2grpc.DialConfig{
 		Address:           p.cfg.DiscoveryAddress,
@@ -93,17 +98,34 @@ func (p *Proxy) openH2(ctx context.Context, method string) (upstream, error) {
 			md[k] = v
 		}
 	}
-	dctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
-	defer cancel()
-	conn, err := h2grpc.Dial(dctx, cfg)
-	if err != nil {
-		return nil, fmt.Errorf("connect to %s: %w", p.cfg.DiscoveryAddress, err)
+	dial := func() (io.Closer, error) {
+		dctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
+		defer cancel()
+		conn, err := h2grpc.Dial(dctx, cfg)
+		if err != nil {
+			return nil, fmt.Errorf("connect to %s: %w", p.cfg.DiscoveryAddress, err)
+		}
+		return conn, nil
 	}
-	cs, err := conn.NewStream(ctx, method, md)
-	if err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("open stream to %s: %w", p.cfg.DiscoveryAddress, err)
+	// A kept connection may have died while idle (GOAWAY, keepalive): then
+	// dial once more at once rather than wait for a backoff.
+	for attempt := 0; ; attempt++ {
+		c, err := p.sharedConn(dial)
+		if err != nil {
+			return nil, err
+		}
+		conn := c.(*h2grpc.ClientConn)
+		sctx, cancel := context.WithCancel(ctx)
+		cs, err := conn.NewStream(sctx, method, md)
+		if err != nil {
+			cancel()
+			p.dropConn(conn)
+			if attempt == 0 && ctx.Err() == nil {
+				continue
+			}
+			return nil, fmt.Errorf("open stream to %s: %w", p.cfg.DiscoveryAddress, err)
+		}
+		p.log.Debug("upstream stream open", zap.String("address", p.cfg.DiscoveryAddress), zap.String("transport", TransportCutThrough))
+		return &h2Up{connUse: connUse{p: p, ctx: ctx, conn: conn, cancel: cancel}, cs: cs}, nil
 	}
-	p.log.Debug("upstream stream open", zap.String("address", p.cfg.DiscoveryAddress), zap.String("transport", TransportCutThrough))
-	return &h2Up{conn: conn, cs: cs}, nil
 }

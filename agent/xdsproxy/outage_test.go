@@ -2,6 +2,8 @@ package xdsproxy
 
 import (
 	"context"
+	"google.golang.org/grpc"
+	"io"
 	"net"
 	"strconv"
 	"strings"
@@ -12,7 +14,6 @@ import (
 
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/prometheus/client_golang/prometheus/testutil"
-	"google.golang.org/grpc"
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/outrigger-mesh/outrigger/e2e/controlplane"
@@ -445,10 +446,7 @@ func listenTCP(addr string) (net.Listener, error) { return net.Listen("tcp", add
 func TestUpstreamConnectionReuse(t *testing.T) {
 	cp := startCP(t, controlplane.Config{}, smallMesh(2))
 	p := startProxy(t, Config{DiscoveryAddress: cp.Addr(), Plaintext: true})
-	if p.cfg.Transport == TransportCutThrough {
-		t.Skip("the cut-through transport dials per stream")
-	}
-	shared := func() *grpc.ClientConn {
+	shared := func() io.Closer {
 		p.upMu.Lock()
 		defer p.upMu.Unlock()
 		return p.upConn

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"os"
@@ -41,10 +42,10 @@ type Proxy struct {
 	active *session
 	nextID uint64
 
-	// The upstream connection (grpc transport), shared by the streams
-	// while it works; see sharedConn.
+	// The upstream connection (*grpc.ClientConn or *h2grpc.ClientConn),
+	// shared by the streams while it works; see sharedConn.
 	upMu      sync.Mutex
-	upConn    *grpc.ClientConn
+	upConn    io.Closer
 	upStopped bool
 }
 

@@ -2,8 +2,6 @@ package xdsproxy
 
 import (
 	"context"
-	"errors"
-	"sync/atomic"
 
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
@@ -46,14 +44,8 @@ func (d grpcDown) SendFrame(f *frame) error { return d.SendMsg(f) }
 // grpcUp is an upstream stream over grpc-go, on the proxy's shared
 // connection.
 type grpcUp struct {
-	p      *Proxy
-	ctx    context.Context // the stream's parent: its cause tells why it ended
-	conn   *grpc.ClientConn
+	connUse
 	stream grpc.ClientStream
-	cancel context.CancelFunc
-	// failed: the stream broke while the agent still wanted it, so the
-	// connection or the control plane is at fault.
-	failed atomic.Bool
 }
 
 func (u *grpcUp) SendMsg(m proto.Message) error { return u.check(u.stream.SendMsg(m)) }
@@ -66,19 +58,4 @@ func (u *grpcUp) RecvFrame(delta bool) (*frame, error) {
 	return f, nil
 }
 
-func (u *grpcUp) check(err error) error {
-	if err != nil && u.ctx.Err() == nil {
-		u.failed.Store(true)
-	}
-	return err
-}
-
-// Close ends the stream. The connection is kept for the next stream when
-// the stream ended because its Envoy went away (or the agent stops), and
-// dropped when it failed or stalled.
-func (u *grpcUp) Close() {
-	u.cancel()
-	if u.failed.Load() || errors.Is(context.Cause(u.ctx), errStalled) {
-		u.p.dropConn(u.conn)
-	}
-}
+func (u *grpcUp) Close() { u.release() }

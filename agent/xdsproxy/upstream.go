@@ -6,9 +6,11 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -78,10 +80,11 @@ func (p *Proxy) openUpstream(ctx context.Context, method string) (upstream, erro
 	if p.cfg.Transport == TransportCutThrough {
 		return p.openH2(ctx, method)
 	}
-	conn, err := p.sharedConn()
+	c, err := p.sharedConn(func() (io.Closer, error) { return p.dial() })
 	if err != nil {
 		return nil, err
 	}
+	conn := c.(*grpc.ClientConn)
 	sctx, cancel := context.WithCancel(ctx)
 	stream, err := p.openStream(sctx, conn, method)
 	if err != nil {
@@ -89,7 +92,7 @@ func (p *Proxy) openUpstream(ctx context.Context, method string) (upstream, erro
 		p.dropConn(conn)
 		return nil, err
 	}
-	return &grpcUp{p: p, ctx: ctx, conn: conn, stream: stream, cancel: cancel}, nil
+	return &grpcUp{connUse: connUse{p: p, ctx: ctx, conn: conn, cancel: cancel}, stream: stream}, nil
 }
 
 // sharedConn returns the upstream connection, dialing one if there is
@@ -97,16 +100,17 @@ func (p *Proxy) openUpstream(ctx context.Context, method string) (upstream, erro
 // while it works, so a restarted Envoy's first push does not wait for a
 // TCP and TLS handshake with istiod (and istiod does not pay for one).
 // Any stream that fails through the connection or the control plane drops
-// it (dropConn), so a reconnection after a failure always starts afresh:
-// new handshake, root CA read again. The token is read for every stream.
-func (p *Proxy) sharedConn() (*grpc.ClientConn, error) {
+// it (connUse.release), so a reconnection after a failure always starts
+// afresh: new handshake, root CA read again. The token is read for every
+// stream.
+func (p *Proxy) sharedConn(dial func() (io.Closer, error)) (io.Closer, error) {
 	p.upMu.Lock()
 	defer p.upMu.Unlock()
 	if p.upStopped {
 		return nil, errors.New("xdsproxy: stopping")
 	}
 	if p.upConn == nil {
-		conn, err := p.dial()
+		conn, err := dial()
 		if err != nil {
 			return nil, err
 		}
@@ -117,7 +121,7 @@ func (p *Proxy) sharedConn() (*grpc.ClientConn, error) {
 
 // dropConn closes conn and forgets it if it is still the shared one; nil
 // drops whichever is shared, for good (the proxy stops).
-func (p *Proxy) dropConn(conn *grpc.ClientConn) {
+func (p *Proxy) dropConn(conn io.Closer) {
 	p.upMu.Lock()
 	if conn == nil {
 		conn, p.upStopped = p.upConn, true
@@ -128,6 +132,35 @@ func (p *Proxy) dropConn(conn *grpc.ClientConn) {
 	p.upMu.Unlock()
 	if conn != nil {
 		_ = conn.Close()
+	}
+}
+
+// connUse is an upstream stream's use of the shared connection.
+type connUse struct {
+	p      *Proxy
+	ctx    context.Context // the stream's parent: its cause tells why it ended
+	conn   io.Closer
+	cancel context.CancelFunc // ends the stream
+	// failed: the stream broke while the agent still wanted it, so the
+	// connection or the control plane is at fault.
+	failed atomic.Bool
+}
+
+// check notes an error of the stream that the agent did not cause.
+func (u *connUse) check(err error) error {
+	if err != nil && u.ctx.Err() == nil {
+		u.failed.Store(true)
+	}
+	return err
+}
+
+// release ends the stream. The connection is kept for the next stream when
+// the stream ended because its Envoy went away (or the agent stops), and
+// dropped when it failed or stalled.
+func (u *connUse) release() {
+	u.cancel()
+	if u.failed.Load() || errors.Is(context.Cause(u.ctx), errStalled) {
+		u.p.dropConn(u.conn)
 	}
 }
 
