@@ -26,11 +26,11 @@ const (
 type slabPool struct{ p sync.Pool }
 
 // slabs is the one slab pool of the process, shared by every connection as
-// grpc-go shares mem.DefaultBufferPool: the agent opens a connection to the
-// control plane per Envoy stream, and the slabs of one connection's
-// responses, freed when the proxy lets go of them, serve the next one
-// (fresh slabs cost zeroing and page faults). Like any sync.Pool it holds
-// nothing the GC wants back for long.
+// grpc-go shares mem.DefaultBufferPool: connections come and go (a
+// reconnection after a control plane outage is a new one), and the slabs
+// of one connection's responses, freed when the proxy lets go of them,
+// serve the next (fresh slabs cost zeroing and page faults). Like any
+// sync.Pool it holds nothing the GC wants back for long.
 var slabs = newSlabPool()
 
 func newSlabPool() *slabPool {
