@@ -76,8 +76,9 @@ func (f *frame) next(sent int) (bufs mem.BufferSlice, done bool, err error) {
 }
 
 // appendChunks adds received buffers; they are published at once, but the
-// last one is held back if it completes the message.
-func (f *frame) appendChunks(bufs mem.BufferSlice) (complete bool) {
+// last one is held back if it completes the message. It returns the bytes
+// appended so far.
+func (f *frame) appendChunks(bufs mem.BufferSlice) (have int) {
 	g := f.g
 	g.mu.Lock()
 	for _, b := range bufs {
@@ -85,9 +86,9 @@ func (f *frame) appendChunks(bufs mem.BufferSlice) (complete bool) {
 		f.data = append(f.data, b)
 		g.have += b.Len()
 	}
-	complete = g.have == f.size
+	have = g.have
 	pub := len(f.data)
-	if complete {
+	if have == f.size {
 		pub--
 	}
 	if pub > g.pub {
@@ -95,7 +96,7 @@ func (f *frame) appendChunks(bufs mem.BufferSlice) (complete bool) {
 		g.cond.Broadcast()
 	}
 	g.mu.Unlock()
-	return complete
+	return have
 }
 
 // finish publishes the rest of the message.
@@ -242,30 +243,32 @@ func recvFrame(r io.Reader, delta bool) (*frame, error) {
 
 // fillFrame reads the rest of a growing frame. On error the frame is
 // aborted.
+//
+// The envelope is read as the bytes arrive (incParser): between reads, the
+// fields that arrived whole are read, so once the last chunk is in (and
+// held back) only the fields it completes are left to read before Envoy
+// gets it.
 func fillFrame(r io.Reader, f *frame, finalize func(env *frame)) error {
+	// This goroutine is the only one that appends to f.data and f.starts
+	// and sets f.g.have: it reads them without the lock.
+	p := newIncParser(f.delta)
 	err := func() error {
 		var batch mem.BufferSlice
-		for {
-			f.g.mu.Lock()
-			left := f.size - f.g.have
-			f.g.mu.Unlock()
-			if left == 0 {
-				return nil
-			}
+		for have := f.g.have; have < f.size; {
+			p.advance(f.data, have)
 			var err error
-			if batch, err = readChunks(r, batch[:0], left); err != nil {
+			if batch, err = readChunks(r, batch[:0], f.size-have); err != nil {
 				return err
 			}
-			if f.appendChunks(batch) {
-				return nil
-			}
+			have = f.appendChunks(batch)
 		}
+		return nil
 	}()
 	if err == nil {
-		// Parse the whole message into a separate envelope: f's fields are
-		// read by others once queued.
-		env := &frame{delta: f.delta, data: f.data, size: f.size, starts: f.starts}
-		if err = env.parse(); err == nil && env.typeURL != f.typeURL {
+		// The envelope is a separate frame: f's fields are read by others
+		// once queued.
+		var env *frame
+		if env, err = p.finish(f.data, f.size, f.starts); err == nil && env.typeURL != f.typeURL {
 			err = fmt.Errorf("response type %s does not match its resources (%s)", env.typeURL, f.typeURL)
 		}
 		if err == nil {
