@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -214,6 +215,32 @@ func TestRecvFrameAborted(t *testing.T) {
 		defer f.release()
 		if err := f.g.fill(func(*frame) {}); err == nil {
 			t.Fatal("fill of a truncated message succeeded")
+		}
+		var out bufWriter
+		if err := writeFrame(&out, f); !errors.Is(err, errFrameAborted) || out.Len() != 0 {
+			t.Fatalf("writer: %v after %d bytes, want errFrameAborted and nothing written", err, out.Len())
+		}
+	})
+
+	t.Run("malformed resource in the middle", func(t *testing.T) {
+		// The incremental parser finds it long before the end; the frame
+		// still fails only once the message is read, as a whole parse did.
+		raw, err := proto.Marshal(bigDelta(edsType, 200, 1000))
+		if err != nil {
+			t.Fatal(err)
+		}
+		bad := protowire.AppendBytes(protowire.AppendTag(nil, deltaResource, protowire.BytesType), []byte{0x1a, 0x05, 'a'})
+		raw = append(append(append([]byte{}, raw[:len(raw)/2]...), bad...), raw[len(raw)/2:]...)
+		wire := make([]byte, 5, 5+len(raw))
+		binary.BigEndian.PutUint32(wire[1:], uint32(len(raw)))
+		f, err := recvFrame(trickle(append(wire, raw...), 7000, 0), true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.release()
+		err = f.g.fill(func(*frame) { t.Error("finalized a malformed message") })
+		if err == nil || !strings.Contains(err.Error(), "resource: malformed protobuf") {
+			t.Fatalf("fill: %v, want the malformed resource", err)
 		}
 		var out bufWriter
 		if err := writeFrame(&out, f); !errors.Is(err, errFrameAborted) || out.Len() != 0 {

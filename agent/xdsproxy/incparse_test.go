@@ -2,6 +2,7 @@ package xdsproxy
 
 import (
 	"bytes"
+	"encoding/binary"
 	"flag"
 	"fmt"
 	"math/rand/v2"
@@ -364,7 +365,7 @@ func TestFillFrameEnvelope(t *testing.T) {
 	raw = strField(raw, deltaTypeURL, cdsType)
 	raw = strField(raw, deltaVersion, "sys")
 	wire := make([]byte, 5, 5+len(raw))
-	wire[4], wire[3], wire[2] = byte(len(raw)), byte(len(raw)>>8), byte(len(raw)>>16)
+	binary.BigEndian.PutUint32(wire[1:], uint32(len(raw)))
 	wire = append(wire, raw...)
 
 	f, err := recvFrame(trickle(wire, 3000, 0), true)
