@@ -9,20 +9,11 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"time"
 )
 
-const (
-	// compactMin is the size from which the cache compresses what it
-	// keeps. Smaller responses stay as they arrived.
-	compactMin = 64 << 10
-	// compactAfter is how long the accepted configuration must stay
-	// unchanged before it is compressed. Compressing a 7 MB CDS costs about
-	// 5 ms of CPU; right after an ACK that CPU is taken from Envoy, which is
-	// applying the same configuration, and from the next push of a burst,
-	// whose intermediate versions are then never compressed at all.
-	compactAfter = time.Second
-)
+// compactMin is the size from which the cache compresses what it keeps.
+// Smaller responses stay as they arrived.
+const compactMin = 64 << 10
 
 // lastGood keeps, per type, the configuration Envoy last accepted (ACKed)
 // from the control plane. It outlives Envoy's streams: an Envoy restarted
@@ -32,8 +23,7 @@ const (
 // resources per type and name. An accepted response is first kept as the
 // frame it arrived in (a reference: one per SotW type, one per Delta
 // resource), so accepting costs no copy on Envoy's path. Then, in the
-// background, once the configuration has been stable for a while
-// (compactAfter), large ones are compressed (flate) and the frame released:
+// background, large ones are compressed (flate) and the frame released:
 // what is kept is cold (read only when the control plane is unreachable),
 // and keeping it raw would double the agent's memory while the next push
 // of the same type arrives.
@@ -43,10 +33,7 @@ type lastGood struct {
 	delta map[string]map[string]cachedResource
 	seq   uint64
 
-	// Background compaction: at most one goroutine, started by timer once
-	// nothing was accepted for delay.
-	delay                  time.Duration
-	timer                  *time.Timer
+	// Background compaction: at most one goroutine, rerun while dirty.
 	dirty, running, closed bool
 	wg                     sync.WaitGroup
 	// Reused by the compaction goroutine.
@@ -98,11 +85,8 @@ func (e cachedResource) appendTo(dst []byte, expanded map[*blob][]byte) ([]byte,
 	return append(dst, b[e.r.off:e.r.off+e.r.n]...), nil
 }
 
-// newLastGood returns an empty cache that compresses what it keeps once
-// nothing new was accepted for delay.
-func newLastGood(delay time.Duration) *lastGood {
-	return &lastGood{sotw: map[string]cachedResource{}, delta: map[string]map[string]cachedResource{},
-		ndsVersions: map[string]string{}, delay: delay}
+func newLastGood() *lastGood {
+	return &lastGood{sotw: map[string]cachedResource{}, delta: map[string]map[string]cachedResource{}, ndsVersions: map[string]string{}}
 }
 
 // cacheNonceLocked returns a nonce that cannot be mistaken for the control
@@ -206,78 +190,52 @@ func (c *lastGood) deltaFrame(typeURL string, wildcard bool, subs map[string]str
 	return newDeltaFrame(typeURL, c.cacheNonceLocked(), out, nil)
 }
 
-// scheduleLocked (re)starts the wait before compaction: it runs once
-// nothing more was accepted for c.delay.
+// scheduleLocked makes the compaction goroutine run (again).
 func (c *lastGood) scheduleLocked() {
 	c.dirty = true
-	if c.closed {
-		return
-	}
-	if c.timer == nil {
-		c.timer = time.AfterFunc(c.delay, c.kick)
-		return
-	}
-	c.timer.Reset(c.delay)
-}
-
-// kick starts the compaction goroutine, unless it runs already; then it
-// tries again after another delay.
-func (c *lastGood) kick() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed {
-		return
-	}
-	if c.running {
-		c.timer.Reset(c.delay)
+	if c.running || c.closed {
 		return
 	}
 	c.running = true
 	c.wg.Add(1)
-	go c.compact()
+	go c.compactLoop()
 }
 
 // close waits for the compaction goroutine; nothing is compacted after.
 func (c *lastGood) close() {
 	c.mu.Lock()
 	c.closed = true
-	if c.timer != nil {
-		c.timer.Stop()
-	}
 	c.mu.Unlock()
 	c.wg.Wait()
 }
 
-// compact compresses what is kept, once. Whatever is accepted meanwhile
-// restarts the timer (scheduleLocked), which brings it back.
-func (c *lastGood) compact() {
+func (c *lastGood) compactLoop() {
 	defer c.wg.Done()
-	c.mu.Lock()
-	if !c.dirty || c.closed {
-		c.running = false
+	for {
+		c.mu.Lock()
+		if !c.dirty || c.closed {
+			c.running = false
+			c.mu.Unlock()
+			return
+		}
+		c.dirty = false
+		var sotw, delta []string
+		for t, e := range c.sotw {
+			if e.f != nil && e.f.size >= compactMin {
+				sotw = append(sotw, t)
+			}
+		}
+		for t := range c.delta {
+			delta = append(delta, t)
+		}
 		c.mu.Unlock()
-		return
-	}
-	c.dirty = false
-	var sotw, delta []string
-	for t, e := range c.sotw {
-		if e.f != nil && e.f.size >= compactMin {
-			sotw = append(sotw, t)
+		for _, t := range sotw {
+			c.compactSotw(t)
+		}
+		for _, t := range delta {
+			c.compactDelta(t)
 		}
 	}
-	for t := range c.delta {
-		delta = append(delta, t)
-	}
-	c.mu.Unlock()
-	for _, t := range sotw {
-		c.compactSotw(t)
-	}
-	for _, t := range delta {
-		c.compactDelta(t)
-	}
-	c.mu.Lock()
-	c.running = false
-	c.mu.Unlock()
 }
 
 // deflate compresses what write writes.

@@ -2,15 +2,12 @@ package xdsproxy
 
 import (
 	"sort"
-	"strconv"
 	"strings"
 	"testing"
-	"testing/synctest"
 	"time"
 
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/google/go-cmp/cmp"
-	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/testing/protocmp"
 	"google.golang.org/protobuf/types/known/anypb"
 
@@ -115,64 +112,4 @@ func resourcesOf(r *controlplane.Response) []*anypb.Any {
 		sort.Slice(out, func(i, j int) bool { return string(out[i].GetValue()) < string(out[j].GetValue()) })
 	}
 	return out
-}
-
-// Compression waits until the accepted configuration has been stable for
-// the cache's delay: a push burst is not compressed version by version, and
-// the CPU is not taken while Envoy applies what it just accepted.
-func TestLastGoodCompressesOnceStable(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		const delay = time.Second
-		c := newLastGood(delay)
-		defer c.close()
-		accept := func(version string) *frame {
-			res := make([]*anypb.Any, 200)
-			for i := range res {
-				res[i] = &anypb.Any{TypeUrl: cdsType, Value: []byte(strings.Repeat("c", 1000) + strconv.Itoa(i))}
-			}
-			b, err := proto.Marshal(&discovery.DiscoveryResponse{VersionInfo: version, TypeUrl: cdsType, Resources: res, Nonce: version})
-			if err != nil {
-				t.Fatal(err)
-			}
-			f, err := flatFrame(false, b)
-			if err != nil {
-				t.Fatal(err)
-			}
-			c.acceptSotw(f)
-			return f
-		}
-		compressed := func() bool {
-			c.mu.Lock()
-			defer c.mu.Unlock()
-			return c.sotw[cdsType].z != nil
-		}
-
-		accept("v1")
-		time.Sleep(delay - time.Millisecond)
-		synctest.Wait()
-		if compressed() {
-			t.Fatal("compressed before the configuration was stable for the delay")
-		}
-		f2 := accept("v2") // the burst goes on: the wait starts again
-		time.Sleep(delay - time.Millisecond)
-		synctest.Wait()
-		if compressed() {
-			t.Fatal("compressed although v2 arrived less than the delay ago")
-		}
-		time.Sleep(2 * time.Millisecond)
-		synctest.Wait()
-		if !compressed() {
-			t.Fatal("not compressed once stable for the delay")
-		}
-		if n := f2.refs.Load(); n != 0 {
-			t.Errorf("the compressed response's frame still has %d references", n)
-		}
-		got, err := c.sotwFrame(cdsType)
-		if err != nil || got == nil {
-			t.Fatalf("cached CDS after compression: %v, %v", got, err)
-		}
-		if got.version != "v2" {
-			t.Errorf("cached version %q, want v2", got.version)
-		}
-	})
 }

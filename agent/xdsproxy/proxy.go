@@ -62,7 +62,7 @@ func New(cfg Config, log *zap.Logger) (*Proxy, error) {
 		log:     log.Named("xdsproxy"),
 		codec:   newRawCodec(),
 		metrics: newMetrics(cfg.Registerer),
-		cache:   newLastGood(compactAfter),
+		cache:   newLastGood(),
 	}, nil
 }
 
