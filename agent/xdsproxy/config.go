@@ -91,7 +91,7 @@ type Config struct {
 	StallTimeout time.Duration
 	// Transport carries the streams: TransportGRPC (default), grpc-go on
 	// both sides (whole messages, store and forward), or
-	// TransportCutThrough (experimental), the agent's own HTTP/2 transport
+	// TransportCutThrough (opt-in), the agent's own HTTP/2 transport
 	// (internal/h2grpc) that forwards large responses while they arrive
 	// (Outrigger only: OUTRIGGER_XDS_TRANSPORT).
 	Transport string
