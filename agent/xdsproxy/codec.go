@@ -127,76 +127,22 @@ func (f *frame) release() {
 	}
 }
 
-// parse reads the envelope.
+// parse reads the envelope of the whole message, with the field reader of
+// the incremental parser (incparse.go), so both read it the same way.
 func (f *frame) parse() error {
-	f.resources, f.removed = nil, nil
+	p := newIncParser(f.delta)
 	if n := countResources(f.data); n > 0 {
-		f.resources = make([]resourceRef, 0, n)
+		p.env.resources = make([]resourceRef, 0, n)
 	}
-	r := newReader(f.data)
-	var scratch []byte
-	for r.remaining() > 0 {
-		num, typ, err := r.tag()
-		if err != nil {
-			return err
-		}
-		if typ != protowire.BytesType {
-			if err := r.skipValue(num, typ); err != nil {
-				return err
-			}
-			continue
-		}
-		n, err := r.length()
-		if err != nil {
-			return err
-		}
-		off := r.off
-		switch {
-		case num == sotwVersion, num == sotwTypeURL, num == sotwNonce, num == deltaRemoved && f.delta:
-			var v []byte
-			if v, scratch, err = r.bytes(n, scratch); err != nil {
-				return err
-			}
-			switch num {
-			case sotwVersion: // same number for both kinds
-				f.version = string(v)
-			case sotwTypeURL:
-				f.typeURL = string(v)
-			case sotwNonce:
-				f.nonce = string(v)
-			default:
-				f.removed = append(f.removed, string(v))
-			}
-		case num == sotwResource && !f.delta:
-			f.resources = append(f.resources, resourceRef{off: off, n: n})
-			err = r.skip(n)
-		case num == deltaResource && f.delta:
-			var v []byte
-			if v, scratch, err = r.bytes(n, scratch); err != nil {
-				return err
-			}
-			res := resourceRef{off: off, n: n}
-			err = forEachField(v, func(num protowire.Number, typ protowire.Type, v []byte) error {
-				switch {
-				case typ != protowire.BytesType:
-				case num == resName:
-					res.name = string(v)
-				case num == resVersion:
-					res.version = string(v)
-				}
-				return nil
-			})
-			if err != nil {
-				return fmt.Errorf("resource: %w", err)
-			}
-			f.resources = append(f.resources, res)
-		default:
-			err = r.skip(n)
-		}
-		if err != nil {
+	p.r = newReader(f.data)
+	for p.r.remaining() > 0 {
+		if _, err := p.field(true); err != nil {
+			f.resources, f.removed = nil, nil
 			return err
 		}
 	}
+	e := &p.env
+	f.typeURL, f.version, f.nonce, f.resources, f.removed = e.typeURL, e.version, e.nonce, e.resources, e.removed
 	return nil
 }
 

@@ -11,7 +11,6 @@ import (
 	"strconv"
 	"testing"
 
-	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/google/go-cmp/cmp"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/encoding/protowire"
@@ -434,27 +433,8 @@ func TestWriteFuzzSeeds(t *testing.T) {
 // before the incremental parser), "incremental" only the fields the last
 // buffer completes.
 func BenchmarkTailParse(b *testing.B) {
-	body := bytes.Repeat([]byte("x"), 2300)
 	for _, m := range modes {
-		var msg proto.Message
-		if m.delta {
-			r := &discovery.DeltaDiscoveryResponse{TypeUrl: cdsType, Nonce: "1", SystemVersionInfo: "v1"}
-			for i := range 3000 {
-				r.Resources = append(r.Resources, &discovery.Resource{Name: "outbound|80||svc-" + strconv.Itoa(i), Version: "v1",
-					Resource: &anypb.Any{TypeUrl: cdsType, Value: body}})
-			}
-			msg = r
-		} else {
-			r := &discovery.DiscoveryResponse{TypeUrl: cdsType, Nonce: "1", VersionInfo: "v1"}
-			for range 3000 {
-				r.Resources = append(r.Resources, &anypb.Any{TypeUrl: cdsType, Value: body})
-			}
-			msg = r
-		}
-		raw, err := proto.Marshal(msg)
-		if err != nil {
-			b.Fatal(err)
-		}
+		raw := bigPush(b, m.delta)
 		data := chunked(raw, 16384)
 		starts := startsOf(data)
 		b.Run(m.name+"/parse", func(b *testing.B) {
