@@ -408,15 +408,7 @@ func TestClientReadBuffers(t *testing.T) {
 	for _, m := range msgs {
 		want = append(want, frameMsg(m)...)
 	}
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		if _, err := cs.Write(want); err != nil {
-			t.Errorf("Write: %v", err)
-		}
-		if err := cs.CloseSend(); err != nil {
-			t.Errorf("CloseSend: %v", err)
-		}
-	})
+	wg := sendAll(t, cs, want)
 	var bufs mem.BufferSlice
 	for {
 		n := len(bufs)
@@ -450,15 +442,7 @@ func TestClientReadBuffersFreed(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := frameMsg(payload(8 << 20))
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		if _, err := cs.Write(want); err != nil {
-			t.Errorf("Write: %v", err)
-		}
-		if err := cs.CloseSend(); err != nil {
-			t.Errorf("CloseSend: %v", err)
-		}
-	})
+	wg := sendAll(t, cs, want)
 	off, heldOff := 0, 0
 	var held mem.BufferSlice // the previous batch, checked again and freed one batch late
 	check := func(bufs mem.BufferSlice, off int) int {
@@ -489,4 +473,19 @@ func TestClientReadBuffersFreed(t *testing.T) {
 	if off != len(want) {
 		t.Fatalf("read %d bytes, want %d", off, len(want))
 	}
+}
+
+// sendAll writes b on cs and half-closes it, in the background; wait on
+// the result before the test ends.
+func sendAll(t *testing.T, cs *ClientStream, b []byte) *sync.WaitGroup {
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if _, err := cs.Write(b); err != nil {
+			t.Errorf("Write: %v", err)
+		}
+		if err := cs.CloseSend(); err != nil {
+			t.Errorf("CloseSend: %v", err)
+		}
+	})
+	return &wg
 }

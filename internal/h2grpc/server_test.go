@@ -16,27 +16,13 @@ import (
 )
 
 // echo echoes each length-prefixed message as it arrives, flushing after each.
-func echo(st *ServerStream) error {
-	for {
-		msg, err := readMsg(st)
-		if err == io.EOF {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		if _, err := st.Write(frameMsg(msg)); err != nil {
-			return err
-		}
-		if err := st.Flush(); err != nil {
-			return err
-		}
-	}
-}
+func echo(st *ServerStream) error { return echoWith(st, false) }
 
 // echoVec is echo with WriteBuffers, each message cut into pieces of
 // uneven sizes (empty ones, pieces across DATA frame boundaries).
-func echoVec(st *ServerStream) error {
+func echoVec(st *ServerStream) error { return echoWith(st, true) }
+
+func echoWith(st *ServerStream, vec bool) error {
 	for {
 		msg, err := readMsg(st)
 		if err == io.EOF {
@@ -46,6 +32,15 @@ func echoVec(st *ServerStream) error {
 			return err
 		}
 		b := frameMsg(msg)
+		if !vec {
+			if _, err := st.Write(b); err != nil {
+				return err
+			}
+			if err := st.Flush(); err != nil {
+				return err
+			}
+			continue
+		}
 		var bufs [][]byte
 		for i, size := 0, 1; len(b) > 0; i++ {
 			k := min(len(b), size)
