@@ -29,13 +29,6 @@ type qitem struct {
 	c *chunk
 }
 
-func (it qitem) len() int {
-	if it.v != nil {
-		return it.v.Len()
-	}
-	return it.c.w - it.c.r
-}
-
 // recvQueue is a stream's received, not yet read, body bytes. A large
 // payload is queued as a view of the connection's read buffer; small ones
 // are copied into the free tail of the last chunk (or a fresh one), so the

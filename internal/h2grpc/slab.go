@@ -143,6 +143,3 @@ func (s *slabReader) view(n int) (mem.Buffer, error) {
 	s.viewed = true
 	return v, nil
 }
-
-// buffered is how many bytes are read ahead.
-func (s *slabReader) buffered() int { return s.w - s.r }
