@@ -492,3 +492,58 @@ func TestUpstreamConnectionReuse(t *testing.T) {
 		t.Fatalf("after the control plane came back: shared connection %p, the failed one was %p", got, first)
 	}
 }
+
+// Envoys that leave while a large push is on its way, again and again, are
+// not upstream failures: the upstream connection is kept, and the next
+// Envoy gets the whole push on it.
+func TestUpstreamConnectionSurvivesCancelledPushes(t *testing.T) {
+	mesh := controlplane.GenerateMesh(1200) // ~2.8 MB of CDS: most of the 4 MiB window
+	cp := startCP(t, controlplane.Config{}, mesh)
+	p := startProxy(t, Config{DiscoveryAddress: cp.Addr(), Plaintext: true})
+	shared := func() io.Closer {
+		p.upMu.Lock()
+		defer p.upMu.Unlock()
+		return p.upConn
+	}
+	cdsRequests := func() int {
+		n := 0
+		for _, e := range cp.Events() {
+			if e.TypeURL == cdsType && e.Nonce == "" {
+				n++
+			}
+		}
+		return n
+	}
+	var first io.Closer
+	for i := range 8 {
+		c := dialEnvoy(t, p.socket, false, "n1")
+		if err := c.Subscribe(cdsType, nil, "", nil); err != nil {
+			t.Fatal(err)
+		}
+		// Leave once the control plane has the request, at a different
+		// point of its answer each time.
+		deadline := time.Now().Add(5 * time.Second)
+		for cdsRequests() <= i {
+			if time.Now().After(deadline) {
+				t.Fatalf("round %d: the control plane never got the CDS request", i)
+			}
+			time.Sleep(time.Millisecond)
+		}
+		time.Sleep(time.Duration(3+2*i) * time.Millisecond)
+		c.Close()
+		if i == 0 {
+			first = shared()
+		}
+	}
+	c := dialEnvoy(t, p.socket, false, "n1")
+	if err := c.Subscribe(cdsType, nil, "", nil); err != nil {
+		t.Fatal(err)
+	}
+	r := recvType(t, c, cdsType)
+	if want := len(mesh.Services); r.Count < want {
+		t.Fatalf("%d clusters after 8 cancelled pushes, want at least %d", r.Count, want)
+	}
+	if got := shared(); got != first {
+		t.Errorf("the upstream connection was replaced (%p, was %p): cancelled streams are not failures", got, first)
+	}
+}
