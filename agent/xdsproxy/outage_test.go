@@ -532,7 +532,9 @@ func TestUpstreamConnectionSurvivesCancelledPushes(t *testing.T) {
 		time.Sleep(time.Duration(3+2*i) * time.Millisecond)
 		c.Close()
 		if i == 0 {
-			first = shared()
+			if first = shared(); first == nil {
+				t.Fatal("no upstream connection kept after the first Envoy left")
+			}
 		}
 	}
 	c := dialEnvoy(t, p.socket, false, "n1")
