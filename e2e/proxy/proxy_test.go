@@ -226,9 +226,25 @@ func (a *agent) waitReady(t testing.TB) {
 
 // startControlPlane serves CDS+LDS on the agent's XDS socket path until the
 // xDS proxy exists: an inbound TCP listener on 127.0.0.1:port.
+// startControlPlane takes the agent's xDS socket over with a control plane
+// serving a TCP listener on port. It does so as soon as the agent has made
+// the socket, before Envoy starts: an Envoy that connected to the agent's
+// proxy first would stay on it (istiod is unreachable here) and never
+// become ready.
 func startControlPlane(t testing.TB, a *agent, port uint32) *controlplane.Server {
 	t.Helper()
-	cp := controlplane.Start(t, filepath.Join(a.dir, "etc/istio/proxy/XDS"))
+	sock := filepath.Join(a.dir, "etc/istio/proxy/XDS")
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the agent never made its xDS socket %s", sock)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	cp := controlplane.Start(t, sock)
 	cp.Set(t, nodeID, "1", []*clusterv3.Cluster{controlplane.Cluster("inbound|9080||")},
 		[]*listenerv3.Listener{controlplane.TCPListener("virtualInbound", "127.0.0.1", port, "inbound|9080||")})
 	return cp
@@ -254,8 +270,8 @@ func TestReadyThenSIGTERMDrainsWithConnectionOpen(t *testing.T) {
 	testenv.RequireRoot(t)
 	const drain = 3 * time.Second
 	a := startAgent(t, agentOpts{proxyConfig: `"terminationDrainDuration": "3s"`})
-	a.waitStarts(t, 1, 20*time.Second)
 	startControlPlane(t, a, 9080)
+	a.waitStarts(t, 1, 20*time.Second)
 	a.waitReady(t)
 	_, stats, err := a.admin(`/stats?usedonly&filter=^(server\.state|listener_manager\.workers_started)`)
 	if err != nil || stats != "listener_manager.workers_started: 1\nserver.state: 0\n" {
@@ -307,8 +323,8 @@ func TestExitOnZeroActiveConnections(t *testing.T) {
 		proxyConfig: `"terminationDrainDuration": "60s"`,
 		env:         map[string]string{"EXIT_ON_ZERO_ACTIVE_CONNECTIONS": "true", "MINIMUM_DRAIN_DURATION": "1s"},
 	})
-	a.waitStarts(t, 1, 20*time.Second)
 	startControlPlane(t, a, 9080)
+	a.waitStarts(t, 1, 20*time.Second)
 	a.waitReady(t)
 	c, err := a.dial("tcp", "127.0.0.1:9080")
 	if err != nil {
@@ -426,8 +442,8 @@ func TestSecondSignalSkipsTheDrainWait(t *testing.T) {
 	testenv.RequireRoot(t)
 	const drain = 60 * time.Second
 	a := startAgent(t, agentOpts{proxyConfig: `"terminationDrainDuration": "60s"`})
-	a.waitStarts(t, 1, 20*time.Second)
 	startControlPlane(t, a, 9080)
+	a.waitStarts(t, 1, 20*time.Second)
 	a.waitReady(t)
 	if err := a.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
