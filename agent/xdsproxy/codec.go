@@ -169,18 +169,17 @@ func countResources(data mem.BufferSlice) int {
 
 // appendRange appends n bytes of the message from offset off to dst.
 func (f *frame) appendRange(dst []byte, off, n int) []byte {
-	i := sort.Search(len(f.starts), func(i int) bool { return f.starts[i] > off }) - 1
-	off -= f.starts[i]
-	for ; n > 0; i++ {
-		b := f.data[i].ReadOnlyData()[off:]
-		off = 0
-		if len(b) > n {
-			b = b[:n]
-		}
-		dst = append(dst, b...)
-		n -= len(b)
-	}
-	return dst
+	w := appendWriter{dst}
+	_ = f.writeRange(&w, off, n) // appendWriter never fails
+	return w.b
+}
+
+// appendWriter appends what is written to b.
+type appendWriter struct{ b []byte }
+
+func (w *appendWriter) Write(p []byte) (int, error) {
+	w.b = append(w.b, p...)
+	return len(p), nil
 }
 
 // writeRange writes n bytes of the message from offset off to w.
