@@ -52,6 +52,9 @@ type growth struct {
 	// fill reads the rest of the message; finalize is called with the
 	// parsed envelope before the last chunk is published.
 	fill func(finalize func(env *frame)) error
+	// failed, when set, learns why fill failed before the frame is
+	// aborted (and Envoy's stream, if it got part of it, fails).
+	failed func(error)
 }
 
 // growing reports whether f is (or was) forwarded while arriving.
@@ -277,6 +280,9 @@ func fillFrame(r io.Reader, f *frame, finalize func(env *frame)) error {
 			return nil
 		}
 		err = status.Errorf(codes.Internal, "response from the control plane: %v", err)
+	}
+	if f.g.failed != nil {
+		f.g.failed(err)
 	}
 	f.abort(err)
 	return err

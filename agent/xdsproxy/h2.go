@@ -70,6 +70,13 @@ func (u *h2Up) SendMsg(m proto.Message) error {
 
 func (u *h2Up) RecvFrame(delta bool) (*frame, error) {
 	f, err := recvFrame(u.cs, delta)
+	if err == nil && f.growing() {
+		// A growing response that fails (or turns out malformed) while it
+		// is filled, after RecvFrame returned, is the upstream's failure
+		// too. Noted before the frame is aborted: that fails Envoy's
+		// stream, which would make it look like the agent's doing.
+		f.g.failed = func(err error) { _ = u.check(err) }
+	}
 	return f, u.check(err)
 }
 

@@ -3,6 +3,7 @@ package xdsproxy
 import (
 	"context"
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 	"io"
 	"net"
 	"strconv"
@@ -549,3 +550,101 @@ func TestUpstreamConnectionSurvivesCancelledPushes(t *testing.T) {
 		t.Errorf("the upstream connection was replaced (%p, was %p): cancelled streams are not failures", got, first)
 	}
 }
+
+// A stream whose response turns out malformed is the control plane's
+// failure, found however far into the response: the kept connection is
+// dropped and the next attempt dials afresh, on either transport (on
+// cut-through the error comes only once the response, already being
+// forwarded, is complete).
+func TestUpstreamConnectionDroppedOnBadResponse(t *testing.T) {
+	good, err := proto.Marshal(bigSotw(cdsType, 100, 1000)) // ~100 KB: forwarded while it arrives
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A nonce field that claims more bytes than the message has.
+	bad := append(good, byte(sotwNonce)<<3|2, 100, 'x')
+	cp := startCP(t, controlplane.Config{}, controlplane.Mesh{}) // for the port only
+	addr := cp.Addr()
+	cp.Stop()
+	lis, err := listenTCP(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var conns, streams atomic.Int32
+	g := grpc.NewServer(grpc.ForceServerCodec(rawBytes{}), grpc.UnknownServiceHandler(func(_ any, st grpc.ServerStream) error {
+		streams.Add(1)
+		var req []byte
+		if err := st.RecvMsg(&req); err != nil {
+			return err
+		}
+		if err := st.SendMsg(&bad); err != nil {
+			return err
+		}
+		<-st.Context().Done() // the stream stays up: only the response is wrong
+		return nil
+	}))
+	go func() { _ = g.Serve(countingListener{lis, &conns}) }()
+	t.Cleanup(g.Stop)
+
+	p := startProxy(t, Config{DiscoveryAddress: addr, Plaintext: true})
+	// Envoy stays until its stream fails (the agent fails it when the bad
+	// response was already partly forwarded), then reconnects, so every
+	// upstream stream ends because of its response, never because Envoy
+	// left.
+	deadline := time.Now().Add(10 * time.Second)
+	for streams.Load() < 3 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d upstream streams, want the agent to retry", streams.Load())
+		}
+		c := dialEnvoy(t, p.socket, false, "n1")
+		if err := c.Subscribe(cdsType, nil, "", nil); err != nil {
+			t.Fatal(err)
+		}
+		failed := make(chan struct{})
+		go func() {
+			defer close(failed)
+			for {
+				if _, err := c.Recv(); err != nil {
+					return
+				}
+			}
+		}()
+	wait:
+		for streams.Load() < 3 {
+			select {
+			case <-failed:
+				break wait
+			case <-time.After(time.Millisecond):
+			}
+		}
+	}
+	if n, s := conns.Load(), streams.Load(); n < s {
+		t.Errorf("%d streams on %d connections: a connection whose stream got a malformed response was kept", s, n)
+	}
+}
+
+// countingListener counts the connections it accepts.
+type countingListener struct {
+	net.Listener
+	n *atomic.Int32
+}
+
+func (l countingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.n.Add(1)
+	}
+	return c, err
+}
+
+// rawBytes is a gRPC codec for messages already encoded.
+type rawBytes struct{}
+
+func (rawBytes) Marshal(v any) ([]byte, error) { return *v.(*[]byte), nil }
+
+func (rawBytes) Unmarshal(b []byte, v any) error {
+	*v.(*[]byte) = append([]byte(nil), b...)
+	return nil
+}
+
+func (rawBytes) Name() string { return "proto" }
