@@ -195,6 +195,16 @@ func (s *sim) dumpEntries(resource string) ([]proto.Message, bool) {
 	return out, true
 }
 
+// entriesAs is dumpEntries(resource) as the field's own entry type.
+func entriesAs[T proto.Message](s *sim, resource string) []T {
+	entries, _ := s.dumpEntries(resource)
+	out := make([]T, 0, len(entries))
+	for _, m := range entries {
+		out = append(out, m.(T))
+	}
+	return out
+}
+
 // handleConfigDump is /config_dump: the bootstrap, clusters, listeners,
 // routes, endpoints (with include_eds) and secrets as Envoy's admin
 // protos; ?resource=<field> lists the entries of one field.
@@ -209,39 +219,26 @@ func (s *sim) handleConfigDump(w http.ResponseWriter, r *http.Request) {
 		}
 		configs = entries
 	} else {
-		get := func(name string) []proto.Message { e, _ := s.dumpEntries(name); return e }
-		clusters := &adminv3.ClustersConfigDump{}
-		for _, m := range get("static_clusters") {
-			clusters.StaticClusters = append(clusters.StaticClusters, m.(*adminv3.ClustersConfigDump_StaticCluster))
+		clusters := &adminv3.ClustersConfigDump{
+			StaticClusters:        entriesAs[*adminv3.ClustersConfigDump_StaticCluster](s, "static_clusters"),
+			DynamicActiveClusters: entriesAs[*adminv3.ClustersConfigDump_DynamicCluster](s, "dynamic_active_clusters"),
 		}
-		for _, m := range get("dynamic_active_clusters") {
-			clusters.DynamicActiveClusters = append(clusters.DynamicActiveClusters, m.(*adminv3.ClustersConfigDump_DynamicCluster))
+		listeners := &adminv3.ListenersConfigDump{
+			StaticListeners:  entriesAs[*adminv3.ListenersConfigDump_StaticListener](s, "static_listeners"),
+			DynamicListeners: entriesAs[*adminv3.ListenersConfigDump_DynamicListener](s, "dynamic_listeners"),
 		}
-		listeners := &adminv3.ListenersConfigDump{}
-		for _, m := range get("static_listeners") {
-			listeners.StaticListeners = append(listeners.StaticListeners, m.(*adminv3.ListenersConfigDump_StaticListener))
+		routes := &adminv3.RoutesConfigDump{
+			DynamicRouteConfigs: entriesAs[*adminv3.RoutesConfigDump_DynamicRouteConfig](s, "dynamic_route_configs"),
 		}
-		for _, m := range get("dynamic_listeners") {
-			listeners.DynamicListeners = append(listeners.DynamicListeners, m.(*adminv3.ListenersConfigDump_DynamicListener))
-		}
-		routes := &adminv3.RoutesConfigDump{}
-		for _, m := range get("dynamic_route_configs") {
-			routes.DynamicRouteConfigs = append(routes.DynamicRouteConfigs, m.(*adminv3.RoutesConfigDump_DynamicRouteConfig))
-		}
-		secrets := &adminv3.SecretsConfigDump{}
-		for _, m := range get("dynamic_active_secrets") {
-			secrets.DynamicActiveSecrets = append(secrets.DynamicActiveSecrets, m.(*adminv3.SecretsConfigDump_DynamicSecret))
-		}
-		for _, m := range get("dynamic_warming_secrets") {
-			secrets.DynamicWarmingSecrets = append(secrets.DynamicWarmingSecrets, m.(*adminv3.SecretsConfigDump_DynamicSecret))
+		secrets := &adminv3.SecretsConfigDump{
+			DynamicActiveSecrets:  entriesAs[*adminv3.SecretsConfigDump_DynamicSecret](s, "dynamic_active_secrets"),
+			DynamicWarmingSecrets: entriesAs[*adminv3.SecretsConfigDump_DynamicSecret](s, "dynamic_warming_secrets"),
 		}
 		configs = []proto.Message{&adminv3.BootstrapConfigDump{Bootstrap: s.bs}, clusters, listeners, routes, secrets}
 		if _, ok := q["include_eds"]; ok {
-			eds := &adminv3.EndpointsConfigDump{}
-			for _, m := range get("dynamic_endpoint_configs") {
-				eds.DynamicEndpointConfigs = append(eds.DynamicEndpointConfigs, m.(*adminv3.EndpointsConfigDump_DynamicEndpointConfig))
-			}
-			configs = append(configs, eds)
+			configs = append(configs, &adminv3.EndpointsConfigDump{
+				DynamicEndpointConfigs: entriesAs[*adminv3.EndpointsConfigDump_DynamicEndpointConfig](s, "dynamic_endpoint_configs"),
+			})
 		}
 	}
 	dump := &adminv3.ConfigDump{}
