@@ -221,13 +221,7 @@ func (s silentADS) StreamAggregatedResources(st discovery.AggregatedDiscoverySer
 
 func startSilentServer(t *testing.T, streams *atomic.Int32) string {
 	t.Helper()
-	cp := startCP(t, controlplane.Config{}, controlplane.Mesh{}) // for the port only
-	addr := cp.Addr()
-	cp.Stop()
-	lis, err := listenTCP(addr)
-	if err != nil {
-		t.Fatal(err)
-	}
+	addr, lis := listenUpstream(t)
 	g := grpc.NewServer()
 	discovery.RegisterAggregatedDiscoveryServiceServer(g, silentADS{streams: streams})
 	go func() { _ = g.Serve(lis) }()
@@ -439,7 +433,19 @@ func (ps *pushServer) DeltaAggregatedResources(st discovery.AggregatedDiscoveryS
 	return nil
 }
 
-func listenTCP(addr string) (net.Listener, error) { return net.Listen("tcp", addr) }
+// listenUpstream listens for a hand-written control plane on a port the
+// test control plane picks.
+func listenUpstream(t *testing.T) (string, net.Listener) {
+	t.Helper()
+	cp := startCP(t, controlplane.Config{}, controlplane.Mesh{}) // for the port only
+	addr := cp.Addr()
+	cp.Stop()
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return addr, lis
+}
 
 // A new Envoy stream reuses the working upstream connection (no new TCP or
 // TLS handshake with istiod); a stream that failed because the control
@@ -563,13 +569,7 @@ func TestUpstreamConnectionDroppedOnBadResponse(t *testing.T) {
 	}
 	// A nonce field that claims more bytes than the message has.
 	bad := append(good, byte(sotwNonce)<<3|2, 100, 'x')
-	cp := startCP(t, controlplane.Config{}, controlplane.Mesh{}) // for the port only
-	addr := cp.Addr()
-	cp.Stop()
-	lis, err := listenTCP(addr)
-	if err != nil {
-		t.Fatal(err)
-	}
+	addr, lis := listenUpstream(t)
 	var conns, streams atomic.Int32
 	g := grpc.NewServer(grpc.ForceServerCodec(rawBytes{}), grpc.UnknownServiceHandler(func(_ any, st grpc.ServerStream) error {
 		streams.Add(1)
