@@ -227,20 +227,18 @@ func (a *agent) waitReady(t testing.TB) {
 // startControlPlane serves CDS+LDS on the agent's XDS socket path until the
 // xDS proxy exists: an inbound TCP listener on 127.0.0.1:port.
 // startControlPlane takes the agent's xDS socket over with a control plane
-// serving a TCP listener on port. It does so as soon as the agent has made
-// the socket, before Envoy starts: an Envoy that connected to the agent's
+// serving a TCP listener on port. It does so once the agent serves on the
+// socket (not before: the agent still sets the socket's mode, and would
+// fail) and before Envoy starts: an Envoy that connected to the agent's
 // proxy first would stay on it (istiod is unreachable here) and never
 // become ready.
 func startControlPlane(t testing.TB, a *agent, port uint32) *controlplane.Server {
 	t.Helper()
 	sock := filepath.Join(a.dir, "etc/istio/proxy/XDS")
 	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if _, err := os.Stat(sock); err == nil {
-			break
-		}
+	for !strings.Contains(a.out.String(), "serving xDS") {
 		if time.Now().After(deadline) {
-			t.Fatalf("the agent never made its xDS socket %s", sock)
+			t.Fatalf("the agent never served xDS on %s", sock)
 		}
 		time.Sleep(time.Millisecond)
 	}
