@@ -324,6 +324,8 @@ func (cc *ClientConn) isIdle(id uint32) bool {
 	return id >= cc.nextID
 }
 
+func (cc *ClientConn) headersRejected(uint32) {}
+
 func (cc *ClientConn) dataEnded() error {
 	return status.Error(codes.Internal, "h2grpc: server ended the stream without trailers")
 }
@@ -469,8 +471,7 @@ func (cc *ClientConn) streamEnded(st *stream) {
 	cc.mu.Unlock()
 	cc.removeStream(st)
 	if stillSending {
-		id := st.id
-		cc.queueCtl(func(fr *http2.Framer) { fr.WriteRSTStream(id, http2.ErrCodeNo) })
+		cc.sendRST(st.id, http2.ErrCodeNo)
 	}
 	st.terminate(io.EOF, false)
 }

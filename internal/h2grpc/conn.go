@@ -32,10 +32,16 @@ const (
 	// maxHeaderListSize is the SETTINGS_MAX_HEADER_LIST_SIZE we advertise and
 	// enforce; far above what xDS metadata needs, far below memory trouble.
 	maxHeaderListSize = 1 << 20
+	// hpackTableSize is the largest HPACK dynamic table our encoder uses
+	// (HTTP/2's initial SETTINGS_HEADER_TABLE_SIZE).
+	hpackTableSize = 4096
 	// rfcInitialWindow is HTTP/2's initial window before any SETTINGS.
 	rfcInitialWindow = 65535
 	// goAwayWriteTimeout bounds how long closing waits to get a GOAWAY out.
 	goAwayWriteTimeout = time.Second
+	// resetMemory is how many of the streams we reset most recently are
+	// remembered, so frames the peer had in flight on them are ignored.
+	resetMemory = 64
 )
 
 // connError is a protocol error of the peer: we answer with GOAWAY(code).
@@ -65,6 +71,10 @@ type roleHooks interface {
 	lostErr(cause error) error
 	// resetErr is the error a stream ends with on the peer's RST_STREAM.
 	resetErr(code http2.ErrCode) error
+	// headersRejected notes a header block the Framer rejected as
+	// malformed (the stream is reset): if it opened a stream, that stream
+	// is no longer idle.
+	headersRejected(id uint32)
 }
 
 // conn is the connection machinery shared by both roles.
@@ -86,19 +96,25 @@ type conn struct {
 	connUnacked int64 // received bytes not yet returned to the peer
 
 	// Write side, under wmu.
-	wmu        sync.Mutex
-	bw         *bufio.Writer
-	wfr        *http2.Framer
-	henc       *hpack.Encoder
-	hbuf       bytes.Buffer
-	hdr        [9]byte
-	werr       error
-	ctlOut     []byte
-	vectored   bool         // nc takes writev (net.Buffers): a plain socket
-	iov        [][]byte     // writeVecLocked's scratch
-	vhdr       []byte       // frame headers of one writev
-	tableSize  atomic.Int64 // peer's SETTINGS_HEADER_TABLE_SIZE to apply, -1 none
-	peerMaxFrm atomic.Uint32
+	wmu      sync.Mutex
+	bw       *bufio.Writer
+	wfr      *http2.Framer
+	henc     *hpack.Encoder
+	hbuf     bytes.Buffer
+	hdr      [9]byte
+	werr     error
+	ctlOut   []byte
+	vectored bool     // nc takes writev (net.Buffers): a plain socket
+	iov      [][]byte // writeVecLocked's scratch
+	vhdr     []byte   // frame headers of one writev
+	// The peer's SETTINGS_HEADER_TABLE_SIZE values not yet applied to
+	// henc: the lowest and the last (RFC 7541 §4.2: the next header block
+	// must signal the lowest one if the table shrank in between).
+	tableMu      sync.Mutex
+	tablePending atomic.Bool
+	tableMin     uint32
+	tableLast    uint32
+	peerMaxFrm   atomic.Uint32
 
 	// Control frames queued by goroutines that must not block on wmu.
 	ctlMu      sync.Mutex
@@ -115,6 +131,14 @@ type conn struct {
 	closed         bool
 	closeErr       error
 	goAwaySent     bool
+	// resets holds the last resetMemory stream IDs we sent RST_STREAM for
+	// (a ring; 0 = empty slot). RFC 9113 §5.1: frames the peer sent before
+	// it saw our RST_STREAM are ignored; frames on other closed streams are
+	// errors (STREAM_CLOSED). A stream forgotten here gets a harmless
+	// RST_STREAM(STREAM_CLOSED) for late frames (the RFC lets us bound how
+	// long we ignore them).
+	resets    [resetMemory]uint32
+	resetNext int
 
 	// Keepalive.
 	kaInterval, kaTimeout time.Duration
@@ -162,7 +186,6 @@ func newConn(nc net.Conn, log *zap.Logger, pool *sync.Pool, slabs *slabPool, win
 	c.wfr = http2.NewFramer(c.bw, nil)
 	c.ctlFr = http2.NewFramer(&c.ctlBuf, nil)
 	c.henc = hpack.NewEncoder(&c.hbuf)
-	c.tableSize.Store(-1)
 	c.peerMaxFrm.Store(16384)
 	return c
 }
@@ -270,8 +293,8 @@ func (c *conn) writeHeadersLocked(id uint32, fields []hpack.HeaderField, end boo
 	if c.werr != nil {
 		return c.werr
 	}
-	if v := c.tableSize.Swap(-1); v >= 0 {
-		c.henc.SetMaxDynamicTableSizeLimit(uint32(v))
+	if c.tablePending.Load() {
+		c.applyTableSizeLocked()
 	}
 	c.hbuf.Reset()
 	for _, f := range fields {
@@ -298,6 +321,23 @@ func (c *conn) writeHeadersLocked(id uint32, fields []hpack.HeaderField, end boo
 		c.writeFailedLocked(err)
 	}
 	return err
+}
+
+// applyTableSizeLocked makes the encoder follow the peer's
+// SETTINGS_HEADER_TABLE_SIZE changes: the next header block starts with a
+// dynamic table size update to the lowest value announced since the last
+// block (RFC 7541 §4.2; nghttp2 requires it when the table shrank), capped
+// at the 4096 bytes we need. One update only: the x/net decoder (grpc-go's)
+// rejects a second one while entries remain, so a table that shrank and
+// grew again between two blocks stays at the lower size until the peer
+// announces a size again.
+func (c *conn) applyTableSizeLocked() {
+	c.tableMu.Lock()
+	low, last := c.tableMin, c.tableLast
+	c.tablePending.Store(false)
+	c.tableMu.Unlock()
+	c.henc.SetMaxDynamicTableSizeLimit(last)
+	c.henc.SetMaxDynamicTableSize(min(low, hpackTableSize))
 }
 
 // writeDataLocked writes p as DATA frames of at most the peer's frame size,
@@ -454,6 +494,9 @@ func (c *conn) readLoop() error {
 		if err != nil {
 			var se http2.StreamError
 			if errors.As(err, &se) {
+				if fh.Type == http2.FrameHeaders {
+					c.role.headersRejected(se.StreamID)
+				}
 				c.resetStream(se.StreamID, se.Code, status.Errorf(codes.Internal, "h2grpc: stream %d: %v", se.StreamID, se))
 				continue
 			}
@@ -511,6 +554,15 @@ func (c *conn) handleFrame(f http2.Frame) error {
 		c.role.onGoAway(f)
 	case *http2.PushPromiseFrame:
 		return protoErr("PUSH_PROMISE is disabled")
+	case *http2.PriorityFrame:
+		if f.StreamDep == f.StreamID {
+			// RFC 9113 §5.3.1: a stream error, but RST_STREAM must not
+			// name an idle stream, so then the whole connection fails.
+			if c.role.isIdle(f.StreamID) {
+				return protoErr("PRIORITY: idle stream %d depends on itself", f.StreamID)
+			}
+			c.resetStream(f.StreamID, http2.ErrCodeProtocol, status.Errorf(codes.Internal, "h2grpc: stream %d depends on itself", f.StreamID))
+		}
 	}
 	// PRIORITY, PRIORITY_UPDATE and unknown frame types are ignored.
 	return nil
@@ -534,11 +586,38 @@ func (c *conn) removeStream(st *stream) {
 
 // resetStream sends RST_STREAM and ends the stream locally with err.
 func (c *conn) resetStream(id uint32, code http2.ErrCode, err error) {
-	c.queueCtl(func(fr *http2.Framer) { fr.WriteRSTStream(id, code) })
+	c.sendRST(id, code)
 	if st := c.stream(id); st != nil {
 		c.removeStream(st)
 		st.terminate(err, true)
 	}
+}
+
+// sendRST queues RST_STREAM for id and remembers that we reset it.
+func (c *conn) sendRST(id uint32, code http2.ErrCode) {
+	c.mu.Lock()
+	c.noteResetLocked(id)
+	c.mu.Unlock()
+	c.queueCtl(func(fr *http2.Framer) { fr.WriteRSTStream(id, code) })
+}
+
+// noteResetLocked remembers that we reset stream id (or are about to).
+// c.mu held.
+func (c *conn) noteResetLocked(id uint32) {
+	c.resets[c.resetNext] = id
+	c.resetNext = (c.resetNext + 1) % resetMemory
+}
+
+// wasReset reports whether we reset stream id recently.
+func (c *conn) wasReset(id uint32) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, r := range c.resets {
+		if r == id {
+			return true
+		}
+	}
+	return false
 }
 
 func (c *conn) applySettings(f *http2.SettingsFrame) error {
@@ -567,7 +646,13 @@ func (c *conn) applySettings(f *http2.SettingsFrame) error {
 			c.broadcastLocked()
 			c.mu.Unlock()
 		case http2.SettingHeaderTableSize:
-			c.tableSize.Store(int64(s.Val))
+			c.tableMu.Lock()
+			if !c.tablePending.Load() || s.Val < c.tableMin {
+				c.tableMin = s.Val
+			}
+			c.tableLast = s.Val
+			c.tablePending.Store(true)
+			c.tableMu.Unlock()
 		}
 		return nil
 	})
@@ -641,6 +726,11 @@ func (c *conn) readData(fh http2.FrameHeader) error {
 	}
 	var rstCode http2.ErrCode
 	accept := false
+	if st == nil && !c.wasReset(fh.StreamID) {
+		// Closed, and not by our RST_STREAM: the peer ended it (END_STREAM
+		// or RST_STREAM) and must not send on it any more.
+		rstCode = http2.ErrCodeStreamClosed
+	}
 	if st != nil {
 		st.mu.Lock()
 		switch {
@@ -652,7 +742,12 @@ func (c *conn) readData(fh http2.FrameHeader) error {
 			rstCode = http2.ErrCodeFlowControl
 		case !st.dataAllowed:
 			rstCode = http2.ErrCodeProtocol
+		case st.wantLen >= 0 && (st.gotLen+int64(data) > st.wantLen || end && st.gotLen+int64(data) != st.wantLen):
+			// RFC 9113 §8.1.1: a body that disagrees with content-length
+			// is malformed.
+			rstCode = http2.ErrCodeProtocol
 		default:
+			st.gotLen += int64(data)
 			accept = true
 			st.recvAvail -= length
 			st.unacked += length - int64(data) // padding returns at once

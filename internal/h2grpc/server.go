@@ -55,6 +55,11 @@ type Server struct {
 	conns     map[*serverConn]struct{}
 	stopped   bool
 	wg        sync.WaitGroup // connection goroutines and handlers
+
+	// serveAll (tests only) hands every well-formed request to Handle,
+	// gRPC or not, so a conformance suite's plain GET and POST requests
+	// can get responses with a body.
+	serveAll bool
 }
 
 // NewServer returns a Server; cfg.Handle must be set.
@@ -254,23 +259,20 @@ func (sc *serverConn) onGoAway(f *http2.GoAwayFrame) {
 	sc.log.Debug("client sent GOAWAY", zap.Stringer("code", f.ErrCode), zap.ByteString("debug", f.DebugData()))
 }
 
+func (sc *serverConn) headersRejected(id uint32) {
+	sc.mu.Lock()
+	if id%2 == 1 && id > sc.maxPeerID {
+		sc.maxPeerID = id
+	}
+	sc.mu.Unlock()
+}
+
 func (sc *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	id := f.StreamID
 	sc.mu.Lock()
 	if st := sc.streams[id]; st != nil {
 		sc.mu.Unlock()
-		// Request trailers: gRPC clients do not send them, but they end
-		// the request body.
-		if !f.StreamEnded() {
-			sc.resetStream(id, http2.ErrCodeProtocol, status.Error(codes.Internal, "h2grpc: HEADERS in the middle of a request"))
-			return nil
-		}
-		st.mu.Lock()
-		if !st.recvDone {
-			st.recvDone, st.recvHalfClosed, st.recvErr = true, true, io.EOF
-		}
-		st.mu.Unlock()
-		st.signal()
+		sc.onTrailers(st, f)
 		return nil
 	}
 	if id%2 == 0 {
@@ -279,17 +281,26 @@ func (sc *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	}
 	if id <= sc.maxPeerID {
 		sc.mu.Unlock()
+		if sc.wasReset(id) {
+			return nil // trailers sent before the client saw our RST_STREAM
+		}
 		return connError{http2.ErrCodeStreamClosed, fmt.Sprintf("HEADERS on closed stream %d", id)}
 	}
 	sc.maxPeerID = id
 	refuse := sc.goAwaySent || sc.closed || uint32(len(sc.streams)) >= sc.srv.cfg.MaxConcurrentStreams
 	sc.mu.Unlock()
 	if refuse {
-		sc.queueCtl(func(fr *http2.Framer) { fr.WriteRSTStream(id, http2.ErrCodeRefusedStream) })
+		sc.sendRST(id, http2.ErrCodeRefusedStream)
 		return nil
 	}
 	if f.Truncated {
-		sc.queueCtl(func(fr *http2.Framer) { fr.WriteRSTStream(id, http2.ErrCodeProtocol) })
+		sc.sendRST(id, http2.ErrCodeProtocol)
+		return nil
+	}
+	wantLen, err := checkRequest(f)
+	if err != nil {
+		sc.log.Debug("resetting malformed request", zap.Uint32("stream", id), zap.Error(err))
+		sc.sendRST(id, http2.ErrCodeProtocol)
 		return nil
 	}
 
@@ -301,16 +312,17 @@ func (sc *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		ss.header[hf.Name] = append(ss.header[hf.Name], hf.Value)
 	}
 	handle := sc.srv.cfg.Handle
-	if m := f.PseudoValue("method"); m != "POST" {
+	if sc.srv.serveAll {
+		// Test hook: no gRPC checks.
+	} else if m := f.PseudoValue("method"); m != "POST" {
 		handle = reject(codes.Internal, fmt.Sprintf("h2grpc: method %q, gRPC requires POST", m))
 	} else if ct := first(ss.header["content-type"]); !isGRPCContentType(ct) {
 		handle = reject(codes.Internal, fmt.Sprintf("h2grpc: content-type %q is not gRPC", ct))
-	} else if ss.method == "" {
-		handle = reject(codes.Unimplemented, "h2grpc: request without :path")
 	}
 
 	st := sc.newStream(id)
 	st.dataAllowed = true
+	st.wantLen = wantLen
 	ss.st = st
 	ss.ctx, ss.cancel = context.WithCancelCause(sc.srv.ctx)
 	st.onEnd = func(err error) { ss.cancel(err) }
@@ -333,6 +345,86 @@ func (sc *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		ss.finish(handle(ss))
 	}()
 	return nil
+}
+
+// onTrailers handles a header block on an open stream: request trailers,
+// which gRPC clients do not send but which end the request body.
+func (sc *serverConn) onTrailers(st *stream, f *http2.MetaHeadersFrame) {
+	st.mu.Lock()
+	halfClosed, lenOK := st.recvHalfClosed, st.wantLen < 0 || st.gotLen == st.wantLen
+	st.mu.Unlock()
+	var code http2.ErrCode
+	switch {
+	case halfClosed:
+		code = http2.ErrCodeStreamClosed // RFC 9113 §5.1, half-closed (remote)
+	case !f.StreamEnded(), len(f.PseudoFields()) > 0, !lenOK, selfDependent(f):
+		code = http2.ErrCodeProtocol // RFC 9113 §8.1: malformed; §5.3.1
+	}
+	if code != 0 {
+		sc.resetStream(st.id, code, status.Errorf(codes.Internal, "h2grpc: stream %d: bad request trailers: %v", st.id, code))
+		return
+	}
+	st.mu.Lock()
+	if !st.recvDone {
+		st.recvDone, st.recvHalfClosed, st.recvErr = true, true, io.EOF
+	}
+	st.mu.Unlock()
+	st.signal()
+}
+
+// checkRequest returns the request's content-length (-1 = none), or why
+// its header block is malformed (RFC 9113 §8.2.2, §8.3.1, §8.1.1), which
+// the caller answers with RST_STREAM(PROTOCOL_ERROR). The Framer has
+// already checked field names and values and the order and uniqueness of
+// pseudo-headers.
+func checkRequest(f *http2.MetaHeadersFrame) (int64, error) {
+	var method, scheme, path bool
+	for _, hf := range f.PseudoFields() {
+		switch hf.Name {
+		case ":method":
+			method = hf.Value != ""
+		case ":scheme":
+			scheme = hf.Value != ""
+		case ":path":
+			path = hf.Value != ""
+		case ":authority":
+		default: // :status, or :protocol without SETTINGS_ENABLE_CONNECT_PROTOCOL
+			return -1, fmt.Errorf("pseudo-header %s in a request", hf.Name)
+		}
+	}
+	if selfDependent(f) {
+		return -1, errors.New("the stream depends on itself")
+	}
+	if !method || !scheme || !path {
+		return -1, errors.New("request without a non-empty :method, :scheme and :path")
+	}
+	wantLen := int64(-1)
+	for _, hf := range f.RegularFields() {
+		switch hf.Name {
+		case "connection", "proxy-connection", "keep-alive", "transfer-encoding", "upgrade":
+			return -1, fmt.Errorf("connection-specific header field %s", hf.Name)
+		case "te":
+			if hf.Value != "trailers" {
+				return -1, fmt.Errorf("te: %q, only \"trailers\" is allowed", hf.Value)
+			}
+		case "content-length":
+			n, err := strconv.ParseInt(hf.Value, 10, 64)
+			if err != nil || n < 0 || wantLen >= 0 && n != wantLen {
+				return -1, fmt.Errorf("content-length: %q", hf.Value)
+			}
+			wantLen = n
+		}
+	}
+	if f.StreamEnded() && wantLen > 0 {
+		return -1, fmt.Errorf("content-length: %d on a request without a body", wantLen)
+	}
+	return wantLen, nil
+}
+
+// selfDependent reports a PRIORITY flag that makes the stream depend on
+// itself (RFC 9113 §5.3.1: a stream error).
+func selfDependent(f *http2.MetaHeadersFrame) bool {
+	return f.HasPriority() && f.Priority.StreamDep == f.StreamID
 }
 
 func first(v []string) string {
@@ -452,6 +544,11 @@ func (ss *ServerStream) finish(herr error) {
 		st.mu.Lock()
 		stillSending := !st.recvDone
 		st.mu.Unlock()
+		if stillSending {
+			c.mu.Lock()
+			c.noteResetLocked(st.id)
+			c.mu.Unlock()
+		}
 		c.wmu.Lock()
 		if c.writeHeadersLocked(st.id, fields, true) == nil {
 			if stillSending {

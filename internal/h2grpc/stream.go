@@ -26,6 +26,8 @@ type stream struct {
 	recvDone       bool  // no more DATA is accepted
 	recvHalfClosed bool  // recvDone because the peer sent END_STREAM
 	recvErr        error // what Read returns once the queue is drained
+	wantLen        int64 // the peer's content-length, -1 = none
+	gotLen         int64 // body bytes received
 	ended          bool
 	ready          chan struct{}
 
@@ -40,6 +42,7 @@ func (c *conn) newStream(id uint32) *stream {
 		c:         c,
 		q:         recvQueue{pool: c.pool},
 		recvAvail: c.recvWindow,
+		wantLen:   -1,
 		ready:     make(chan struct{}, 1),
 	}
 }
