@@ -375,6 +375,14 @@ func (rc *rawClient) sync(allowRST bool) {
 	})
 }
 
+// body reads until stream id's response body holds n bytes.
+func (rc *rawClient) body(id uint32, n int) []byte {
+	rc.t.Helper()
+	st := rc.streams[id]
+	rc.until(fmt.Sprintf("%d body bytes on stream %d", n, id), func(any) bool { return st.body.Len() >= n })
+	return st.body.Bytes()
+}
+
 // goAway reads until GOAWAY (or the connection's end) and returns its code.
 func (rc *rawClient) goAway() (http2.ErrCode, error) {
 	for {
@@ -386,6 +394,16 @@ func (rc *rawClient) goAway() (http2.ErrCode, error) {
 			return g.ErrCode, nil
 		}
 	}
+}
+
+// returnCredit sends WINDOW_UPDATE for n bytes of stream id and of the
+// connection.
+func (rc *rawClient) returnCredit(id uint32, n int) {
+	rc.t.Helper()
+	rc.check(rc.fr.WriteWindowUpdate(id, uint32(n)))
+	rc.check(rc.fr.WriteWindowUpdate(0, uint32(n)))
+	rc.streams[id].wu += int64(n)
+	rc.connLimit += int64(n)
 }
 
 func hf(name, value string) hpack.HeaderField { return hpack.HeaderField{Name: name, Value: value} }
