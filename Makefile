@@ -6,8 +6,9 @@ VERSION    ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo d
 LDFLAGS    := -s -w -X main.version=$(VERSION)
 GOTESTFLAGS ?=
 # Debian packages the tests and the demo need: real iptables (nft and legacy),
-# ip/netns, dig, dnsperf, conntrack.
-DEB_PKGS   := iptables iproute2 dnsutils dnsperf conntrack procps
+# ip/netns, dig, dnsperf, conntrack; curl and nghttp (nghttp2 HTTP/2 clients
+# the h2grpc server is tested against).
+DEB_PKGS   := iptables iproute2 dnsutils dnsperf conntrack procps curl nghttp2-client
 
 export CGO_ENABLED := 0
 
