@@ -173,6 +173,9 @@ type chunkReader interface {
 	ReadBuffers(dst mem.BufferSlice, max int) (mem.BufferSlice, error)
 }
 
+// readAheader lets the sender send a whole message at once (h2grpc).
+type readAheader interface{ ReadAhead(n int) }
+
 // readWhole reads an n-byte message body into pooled buffers.
 func readWhole(r io.Reader, n int) (mem.BufferSlice, error) {
 	var bufs mem.BufferSlice
@@ -195,6 +198,12 @@ func recvFrame(r io.Reader, delta bool) (*frame, error) {
 	n, err := readMessageHeader(r, maxMsgSize)
 	if err != nil {
 		return nil, err
+	}
+	if ra, ok := r.(readAheader); ok {
+		// The whole message is held (to forward it, and as the last
+		// known good) anyway: let the control plane send all of it
+		// without waiting for window updates.
+		ra.ReadAhead(n)
 	}
 	if n < cutThroughMin {
 		bufs, err := readWhole(r, n)

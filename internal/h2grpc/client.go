@@ -533,3 +533,11 @@ func (cs *ClientStream) Read(p []byte) (int, error) { return cs.st.read(p) }
 func (cs *ClientStream) ReadBuffers(dst mem.BufferSlice, max int) (mem.BufferSlice, error) {
 	return cs.st.readBuffers(dst, max)
 }
+
+// ReadAhead lets the server send the next n bytes of the stream without
+// waiting for window updates, when that is more than the window allows: a
+// reader that is going to hold a whole message of n bytes anyway grants
+// it at once instead of a window at a time (each wait for a window update
+// stalls the sender). The extra credit is not renewed: once it is used
+// the stream is back to its usual window.
+func (cs *ClientStream) ReadAhead(n int) { cs.st.readAhead(int64(n)) }

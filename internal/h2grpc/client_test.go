@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"io"
 	"net"
@@ -488,4 +489,64 @@ func sendAll(t *testing.T, cs *ClientStream, b []byte) *sync.WaitGroup {
 		}
 	})
 	return &wg
+}
+
+// TestClientReadAhead: after ReadAhead(n) the server sends a whole n-byte
+// message although the client reads nothing and its window is far smaller,
+// and once the message is consumed the stream is back to its usual window
+// (the extra credit is not renewed).
+func TestClientReadAhead(t *testing.T) {
+	const window, size = 256 << 10, 8 << 20
+	addr := startGRPCServer(t, echoHandler)
+	cc := dial(t, DialConfig{Address: addr, Window: window})
+	cs, err := cc.NewStream(context.Background(), echoMethod, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The request stays open, so the stream does too once the answer is
+	// read.
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if _, err := cs.Write(frameMsg(payload(size))); err != nil {
+			t.Errorf("Write: %v", err)
+		}
+	})
+	var hdr [5]byte
+	if _, err := io.ReadFull(cs, hdr[:]); err != nil {
+		t.Fatal(err)
+	}
+	cs.ReadAhead(int(binary.BigEndian.Uint32(hdr[1:])))
+	queued := func() int {
+		cs.st.mu.Lock()
+		defer cs.st.mu.Unlock()
+		return cs.st.q.n
+	}
+	for deadline := time.Now().Add(20 * time.Second); queued() < size; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of the %d-byte message arrived without reads, want all of it (window %d)", queued(), size, window)
+		}
+	}
+	got := make([]byte, size)
+	if _, err := io.ReadFull(cs, got); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	if !bytes.Equal(got, payload(size)) {
+		t.Fatal("message content differs")
+	}
+	cs.st.mu.Lock()
+	avail, done := cs.st.recvAvail, cs.st.recvDone
+	cs.st.mu.Unlock()
+	if done {
+		t.Fatal("the stream ended; the test needs it open")
+	}
+	if avail > window {
+		t.Fatalf("after the message the server may send %d bytes, want at most the window (%d)", avail, window)
+	}
+	if err := cs.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cs.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("after CloseSend: %v, want EOF", err)
+	}
 }

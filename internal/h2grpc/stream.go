@@ -1,6 +1,7 @@
 package h2grpc
 
 import (
+	"math"
 	"sync"
 
 	"golang.org/x/net/http2"
@@ -110,6 +111,22 @@ func (st *stream) readBuffers(dst mem.BufferSlice, max int) (mem.BufferSlice, er
 	return dst, err
 }
 
+// readAhead raises the peer's credit on the stream so that it may send n
+// bytes beyond those already queued.
+func (st *stream) readAhead(n int64) {
+	st.mu.Lock()
+	q := int64(st.q.n)
+	inc := min(n-q, math.MaxInt32-q) - st.recvAvail
+	if st.recvDone || inc <= 0 {
+		st.mu.Unlock()
+		return
+	}
+	st.recvAvail += inc
+	st.mu.Unlock()
+	id := st.id
+	st.c.queueCtl(func(fr *http2.Framer) { fr.WriteWindowUpdate(id, uint32(inc)) })
+}
+
 // readWith waits for buffered bytes, consumes them with take (under the
 // stream's lock) and returns the window credit.
 func (st *stream) readWith(take func() int) (int, bool, error) {
@@ -121,7 +138,9 @@ func (st *stream) readWith(take func() int) (int, bool, error) {
 			if !st.recvDone {
 				st.unacked += int64(n)
 				if st.unacked >= st.c.recvWindow/4 {
-					inc = st.unacked
+					// Credit beyond a window (left from readAhead) is
+					// not renewed.
+					inc = max(0, min(st.unacked, st.c.recvWindow-st.recvAvail))
 					st.unacked = 0
 					st.recvAvail += inc
 				}
