@@ -35,8 +35,8 @@ deps:
 test: deps build
 	$(GO) vet ./...
 	OUTRIGGER_BIN=$(BIN)/outrigger $(GO) test -count=1 -timeout 30m $(GOTESTFLAGS) ./...
-	# The xDS proxy's opt-in cut-through transport passes the same tests.
-	XDSPROXY_TEST_TRANSPORT=cut-through $(GO) test -count=1 $(GOTESTFLAGS) ./agent/xdsproxy/
+	# The xDS proxy's fallback transport (grpc-go) passes the same tests.
+	XDSPROXY_TEST_TRANSPORT=grpc $(GO) test -count=1 $(GOTESTFLAGS) ./agent/xdsproxy/
 	# The push benchmark runs once, so it cannot rot unnoticed.
 	$(GO) test -count=1 -run '^$$' -bench Push3000 -benchtime 1x ./e2e/xds/
 

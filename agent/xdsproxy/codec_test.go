@@ -293,8 +293,8 @@ func TestConfigDefaults(t *testing.T) {
 		}
 	}
 	c := Config{DiscoveryAddress: "istiod:15012"}
-	if err := c.setDefaults(); err != nil || c.Transport != TransportGRPC {
-		t.Errorf("default transport %q (%v), want %q", c.Transport, err, TransportGRPC)
+	if err := c.setDefaults(); err != nil || c.Transport != TransportCutThrough {
+		t.Errorf("default transport %q (%v), want %q", c.Transport, err, TransportCutThrough)
 	}
 	c = Config{DiscoveryAddress: "istiod:15012", Transport: "quic"}
 	if err := c.setDefaults(); err == nil || !strings.Contains(err.Error(), "OUTRIGGER_XDS_TRANSPORT") {

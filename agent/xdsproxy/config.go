@@ -89,11 +89,11 @@ type Config struct {
 	// this long while a request waits for an answer (Outrigger only).
 	// Default 5m.
 	StallTimeout time.Duration
-	// Transport carries the streams: TransportGRPC (default), grpc-go on
-	// both sides (whole messages, store and forward), or
-	// TransportCutThrough (opt-in), the agent's own HTTP/2 transport
-	// (internal/h2grpc) that forwards large responses while they arrive
-	// (Outrigger only: OUTRIGGER_XDS_TRANSPORT).
+	// Transport carries the streams: TransportCutThrough (default), the
+	// agent's own HTTP/2 transport (internal/h2grpc) that forwards large
+	// responses while they arrive, or TransportGRPC, grpc-go on both sides
+	// (whole messages, store and forward), kept as a fallback (Outrigger
+	// only: OUTRIGGER_XDS_TRANSPORT).
 	Transport string
 	// OnNameTable receives each DNS name table (NDS). Nil means the DNS
 	// proxy is off and NDS is not requested. An error NACKs the table.
@@ -112,7 +112,7 @@ const (
 func (c *Config) setDefaults() error {
 	switch c.Transport {
 	case "":
-		c.Transport = TransportGRPC
+		c.Transport = TransportCutThrough
 	case TransportCutThrough, TransportGRPC:
 	default:
 		return fmt.Errorf("xdsproxy: transport %q (OUTRIGGER_XDS_TRANSPORT): want %q or %q", c.Transport, TransportCutThrough, TransportGRPC)

@@ -51,7 +51,7 @@ import (
 // Knobs: XDS_BENCH_SERVICES (mesh size), XDS_BENCH_CP_ADDR (an external
 // control plane serving such a mesh), XDS_BENCH_BIN (another relay binary
 // with the same flags, for comparison), XDS_BENCH_PROXY_ARGS (e.g.
-// "-transport=cut-through", or "-gc-defaults=false -memtrim=false" to measure
+// "-transport=grpc", the fallback transport, or "-gc-defaults=false -memtrim=false" to measure
 // without the agent's GC settings and start-up page trimming),
 // XDS_BENCH_PROXY_ENV (environment, e.g. "GODEBUG=gctrace=1"), and
 // XDS_BENCH_PROFILE_DIR=<dir> (the proxy writes cpu-<mode>.pprof and
@@ -89,7 +89,7 @@ func BenchmarkPush3000(b *testing.B) {
 			push(b, direct, delta, -1, services) // warm-up, not timed
 			push(b, proxy, delta, -2, services)
 			time.Sleep(gap)
-			var td, tp []time.Duration
+			var td, tp []pushTimes
 			cpu0 := cpuTime(b, pid)
 			for i := 0; b.Loop(); i++ {
 				// Alternate which goes first, so neither always follows
@@ -105,12 +105,16 @@ func BenchmarkPush3000(b *testing.B) {
 				}
 				pause(b, gap)
 			}
-			md, mp := median(td), median(tp)
+			md, mp := median(td, pushTimes.total), median(tp, pushTimes.total)
 			b.ReportMetric(ms(md), "direct-ms")
 			b.ReportMetric(ms(mp), "proxy-ms")
 			b.ReportMetric(100*float64(mp-md)/float64(md), "added-%")
 			b.ReportMetric(ms(cpuTime(b, pid)-cpu0)/float64(len(tp)), "agent-cpu-ms/op")
 			b.ReportMetric(peakRSSMB(b, pid), "peak-rss-MB")
+			// Where the added time is: by the first 64 KiB of the
+			// response, and by its last byte.
+			b.ReportMetric(ms(median(tp, pushTimes.firstBytes)-median(td, pushTimes.firstBytes)), "added-first-ms")
+			b.ReportMetric(ms(median(tp, pushTimes.lastByte)-median(td, pushTimes.lastByte)), "added-last-ms")
 		})
 		stop()
 	}
@@ -125,8 +129,11 @@ func pause(b *testing.B, d time.Duration) {
 	}
 }
 
-func median(d []time.Duration) time.Duration {
-	s := slices.Clone(d)
+func median(p []pushTimes, f func(pushTimes) time.Duration) time.Duration {
+	s := make([]time.Duration, len(p))
+	for i := range p {
+		s[i] = f(p[i])
+	}
 	slices.Sort(s)
 	if len(s)%2 == 1 {
 		return s[len(s)/2]
@@ -244,12 +251,14 @@ const envoyWindow = 256 << 20
 
 // push opens an ADS stream to target, subscribes to CDS, receives the
 // push, ACKs it and returns how long that took.
-func push(b *testing.B, target string, delta bool, i, services int) time.Duration {
+func push(b *testing.B, target string, delta bool, i, services int) pushTimes {
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	tc := &timedConn{start: start}
 	c, err := controlplane.DialADS(ctx, target, delta, &core.Node{Id: "bench-" + strconv.Itoa(i)},
-		grpc.WithInitialWindowSize(envoyWindow), grpc.WithInitialConnWindowSize(envoyWindow))
+		grpc.WithInitialWindowSize(envoyWindow), grpc.WithInitialConnWindowSize(envoyWindow),
+		grpc.WithContextDialer(tc.dial))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -265,10 +274,13 @@ func push(b *testing.B, target string, delta bool, i, services int) time.Duratio
 		b.Fatalf("%d clusters, want one per service (%d) and the passthrough ones", r.Count, services)
 	}
 	took := time.Since(start)
+	tc.mu.Lock()
+	pt := pushTimes{took, tc.first, tc.last}
+	tc.mu.Unlock()
 	if err := c.ACK(r, nil); err != nil {
 		b.Fatal(err)
 	}
-	return took
+	return pt
 }
 
 // cpuTime is a process's user+system CPU time so far, all threads, at the
@@ -302,4 +314,45 @@ func peakRSSMB(b *testing.B, pid int) float64 {
 		}
 	}
 	return 0
+}
+
+// pushTimes is one push's duration, and when its first 64 KiB and its
+// last bytes had arrived.
+type pushTimes struct{ took, first, last time.Duration }
+
+func (p pushTimes) total() time.Duration      { return p.took }
+func (p pushTimes) firstBytes() time.Duration { return p.first }
+func (p pushTimes) lastByte() time.Duration   { return p.last }
+
+// timedConn records when the first 64 KiB of responses had arrived and
+// when the last read returned.
+type timedConn struct {
+	net.Conn
+	start       time.Time
+	mu          sync.Mutex
+	n           int
+	first, last time.Duration
+}
+
+func (c *timedConn) dial(ctx context.Context, addr string) (net.Conn, error) {
+	network := "tcp"
+	if a, ok := strings.CutPrefix(addr, "unix://"); ok {
+		network, addr = "unix", a
+	}
+	nc, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+	c.Conn = nc
+	return c, err
+}
+
+func (c *timedConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	t := time.Since(c.start)
+	c.mu.Lock()
+	c.n += n
+	if c.first == 0 && c.n >= 64<<10 {
+		c.first = t
+	}
+	c.last = t
+	c.mu.Unlock()
+	return n, err
 }

@@ -35,7 +35,7 @@ func run() error {
 	memProfile := flag.String("memprofile", "", "write a heap profile (with allocations) to this file at exit")
 	gcDefaults := flag.Bool("gc-defaults", true, "apply the agent's GC settings (memlimit.Apply), as proxy mode does")
 	trim := flag.Bool("memtrim", true, "hand start-up pages back to the kernel (memtrim.Trim) once serving, as proxy mode does")
-	transport := flag.String("transport", "", "xdsproxy.Config.Transport: grpc (default) or cut-through")
+	transport := flag.String("transport", "", "xdsproxy.Config.Transport: cut-through (default) or grpc")
 	flag.Parse()
 	if *gcDefaults {
 		if _, err := memlimit.Apply(memlimit.Config{Getenv: os.Getenv, FS: os.DirFS("/")}); err != nil {
