@@ -38,6 +38,19 @@ type Config struct {
 	Token string
 	// Log receives go-control-plane's logs; nil discards them.
 	Log *zap.Logger
+	// OnResponse, when set, is told of every response as it is about to
+	// be sent (resources already marshalled), with when the stream's
+	// first request of that type arrived: a benchmark can take the
+	// control plane's own time out of a push it measures.
+	OnResponse func(ResponseTiming)
+}
+
+// ResponseTiming is one response of the control plane.
+type ResponseTiming struct {
+	NodeID, TypeURL string
+	// Requested is when the stream's first request of the type arrived,
+	// Responding when the response was ready to be sent.
+	Requested, Responding time.Time
 }
 
 // Event is one request the control plane received.
@@ -69,7 +82,20 @@ type Server struct {
 	events    []Event
 	responses map[string]int
 	streamMD  map[int64]metadata.MD
+	firstReq  map[streamType]nodeAt
 	changed   chan struct{}
+}
+
+// streamType and nodeAt remember when a stream first asked for a type
+// (for Config.OnResponse).
+type streamType struct {
+	id      int64
+	typeURL string
+}
+
+type nodeAt struct {
+	node string
+	at   time.Time
 }
 
 type nodeGroup struct{}
@@ -102,6 +128,7 @@ func New(cfg Config, mesh Mesh) (*Server, error) {
 		addr:      cfg.Addr,
 		responses: map[string]int{},
 		streamMD:  map[int64]metadata.MD{},
+		firstReq:  map[streamType]nodeAt{},
 		changed:   make(chan struct{}),
 	}
 	s.mux = &cachev3.MuxCache{
@@ -244,31 +271,61 @@ func (s *Server) callbacks() serverv3.Callbacks {
 		defer s.mu.Unlock()
 		return s.streamMD[id]
 	}
-	counted := func(typeURL string) {
+	requested := func(id int64, typeURL, node string) {
+		if s.cfg.OnResponse == nil {
+			return
+		}
+		k := streamType{id, typeURL}
+		s.mu.Lock()
+		if _, ok := s.firstReq[k]; !ok {
+			s.firstReq[k] = nodeAt{node, time.Now()}
+		}
+		s.mu.Unlock()
+	}
+	counted := func(id int64, typeURL string) {
+		now := time.Now()
 		s.mu.Lock()
 		s.responses[typeURL]++
 		close(s.changed)
 		s.changed = make(chan struct{})
+		first := s.firstReq[streamType{id, typeURL}]
+		s.mu.Unlock()
+		if s.cfg.OnResponse != nil {
+			s.cfg.OnResponse(ResponseTiming{NodeID: first.node, TypeURL: typeURL, Requested: first.at, Responding: now})
+		}
+	}
+	closed := func(id int64) {
+		s.mu.Lock()
+		delete(s.streamMD, id)
+		for k := range s.firstReq {
+			if k.id == id {
+				delete(s.firstReq, k)
+			}
+		}
 		s.mu.Unlock()
 	}
 	return serverv3.CallbackFuncs{
-		StreamOpenFunc:      open,
-		DeltaStreamOpenFunc: open,
+		StreamOpenFunc:        open,
+		DeltaStreamOpenFunc:   open,
+		StreamClosedFunc:      func(id int64, _ *core.Node) { closed(id) },
+		DeltaStreamClosedFunc: func(id int64, _ *core.Node) { closed(id) },
 		StreamRequestFunc: func(id int64, r *discovery.DiscoveryRequest) error {
+			requested(id, r.GetTypeUrl(), r.GetNode().GetId())
 			s.record(Event{NodeID: r.GetNode().GetId(), TypeURL: r.GetTypeUrl(), Version: r.GetVersionInfo(),
 				Nonce: r.GetResponseNonce(), Error: r.GetErrorDetail().GetMessage(), Names: r.GetResourceNames(), Metadata: mdOf(id)})
 			return nil
 		},
 		StreamDeltaRequestFunc: func(id int64, r *discovery.DeltaDiscoveryRequest) error {
+			requested(id, r.GetTypeUrl(), r.GetNode().GetId())
 			s.record(Event{Delta: true, NodeID: r.GetNode().GetId(), TypeURL: r.GetTypeUrl(),
 				Nonce: r.GetResponseNonce(), Error: r.GetErrorDetail().GetMessage(), Names: r.GetResourceNamesSubscribe(), Metadata: mdOf(id)})
 			return nil
 		},
-		StreamResponseFunc: func(_ context.Context, _ int64, _ *discovery.DiscoveryRequest, r *discovery.DiscoveryResponse) {
-			counted(r.GetTypeUrl())
+		StreamResponseFunc: func(_ context.Context, id int64, _ *discovery.DiscoveryRequest, r *discovery.DiscoveryResponse) {
+			counted(id, r.GetTypeUrl())
 		},
-		StreamDeltaResponseFunc: func(_ int64, _ *discovery.DeltaDiscoveryRequest, r *discovery.DeltaDiscoveryResponse) {
-			counted(r.GetTypeUrl())
+		StreamDeltaResponseFunc: func(id int64, _ *discovery.DeltaDiscoveryRequest, r *discovery.DeltaDiscoveryResponse) {
+			counted(id, r.GetTypeUrl())
 		},
 	}
 }

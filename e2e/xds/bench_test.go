@@ -1,9 +1,11 @@
 package xds
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -53,17 +55,24 @@ import (
 // with the same flags, for comparison), XDS_BENCH_PROXY_ARGS (e.g.
 // "-transport=grpc", the fallback transport, or "-gc-defaults=false -memtrim=false" to measure
 // without the agent's GC settings and start-up page trimming),
-// XDS_BENCH_PROXY_ENV (environment, e.g. "GODEBUG=gctrace=1"), and
+// XDS_BENCH_PROXY_ENV (environment, e.g. "GODEBUG=gctrace=1"),
 // XDS_BENCH_PROFILE_DIR=<dir> (the proxy writes cpu-<mode>.pprof and
-// heap-<mode>.pprof there).
+// heap-<mode>.pprof there), XDS_BENCH_DUMP=<file> (every timed push, one
+// per line: mode, path, then in ms: total, first 64 KiB and last byte
+// received, request at the control plane, control plane's time), and
+// XDS_BENCH_CP_ENV and XDS_BENCH_CP_CPUS (the control plane's environment,
+// and the CPUs it may run on, for taskset: "0" with the benchmark itself
+// under "taskset -c 1" gives istiod a core of its own, as it has in a
+// cluster).
 func BenchmarkPush3000(b *testing.B) {
 	services := 3000
 	if v, err := strconv.Atoi(os.Getenv("XDS_BENCH_SERVICES")); err == nil {
 		services = v
 	}
 	cpAddr := os.Getenv("XDS_BENCH_CP_ADDR")
+	var cp *cpTimes // nil for an external control plane
 	if cpAddr == "" {
-		cpAddr = startCPProcess(b, services, os.Getenv("XDS_BENCH_LINK"))
+		cpAddr, cp = startCPProcess(b, services, os.Getenv("XDS_BENCH_LINK"))
 	}
 	gap := 200 * time.Millisecond
 	if v := os.Getenv("XDS_BENCH_GAP"); v != "" {
@@ -86,37 +95,88 @@ func BenchmarkPush3000(b *testing.B) {
 		sock, pid, stop := startProxyProcess(b, bin, cpAddr, mode)
 		b.Run(mode, func(b *testing.B) {
 			direct, proxy := cpAddr, "unix://"+sock
-			push(b, direct, delta, -1, services) // warm-up, not timed
-			push(b, proxy, delta, -2, services)
+			push(b, direct, delta, "warm-direct-"+mode, services) // not timed
+			push(b, proxy, delta, "warm-proxy-"+mode, services)
 			time.Sleep(gap)
 			var td, tp []pushTimes
 			cpu0 := cpuTime(b, pid)
 			for i := 0; b.Loop(); i++ {
 				// Alternate which goes first, so neither always follows
 				// the other's leftovers.
+				nd, np := fmt.Sprintf("bench-direct-%s-%d", mode, i), fmt.Sprintf("bench-proxy-%s-%d", mode, i)
 				if i%2 == 0 {
-					td = append(td, push(b, direct, delta, i, services))
+					td = append(td, push(b, direct, delta, nd, services))
 					pause(b, gap)
-					tp = append(tp, push(b, proxy, delta, i, services))
+					tp = append(tp, push(b, proxy, delta, np, services))
 				} else {
-					tp = append(tp, push(b, proxy, delta, i, services))
+					tp = append(tp, push(b, proxy, delta, np, services))
 					pause(b, gap)
-					td = append(td, push(b, direct, delta, i, services))
+					td = append(td, push(b, direct, delta, nd, services))
 				}
 				pause(b, gap)
 			}
+			cpuPerPush := ms(cpuTime(b, pid)-cpu0) / float64(len(tp))
 			md, mp := median(td, pushTimes.total), median(tp, pushTimes.total)
 			b.ReportMetric(ms(md), "direct-ms")
 			b.ReportMetric(ms(mp), "proxy-ms")
 			b.ReportMetric(100*float64(mp-md)/float64(md), "added-%")
-			b.ReportMetric(ms(cpuTime(b, pid)-cpu0)/float64(len(tp)), "agent-cpu-ms/op")
+			b.ReportMetric(cpuPerPush, "agent-cpu-ms/op")
 			b.ReportMetric(peakRSSMB(b, pid), "peak-rss-MB")
-			// Where the added time is: by the first 64 KiB of the
-			// response, and by its last byte.
-			b.ReportMetric(ms(median(tp, pushTimes.firstBytes)-median(td, pushTimes.firstBytes)), "added-first-ms")
-			b.ReportMetric(ms(median(tp, pushTimes.lastByte)-median(td, pushTimes.lastByte)), "added-last-ms")
+			if cp != nil {
+				cp.fill(b, td)
+				cp.fill(b, tp)
+				reportLegs(b, td, tp)
+			}
+			dumpPushes(b, mode, td, tp)
 		})
 		stop()
+	}
+}
+
+// reportLegs reports where the added time is, with the control plane's
+// own time (building and marshalling the push: tens of ms, and the same
+// work on either path) taken out of each push. Its spread is most of the
+// spread of a push (p10 to p90 is 30 ms here), so it hides a few ms
+// between two medians of totals; without it, the difference between the
+// paths is what the relay does:
+//   - relay-ms, relay-%: the median push less the control plane's time,
+//     through the proxy against direct (relay-% of the direct median push);
+//   - added-req-ms: the request's way to the control plane (the stand-in
+//     Envoy's connection and request, and the agent's upstream request);
+//   - added-resp-ms: the response's way back (sending, relaying, the
+//     stand-in Envoy's read and decode);
+//   - cp-ms: the control plane's median time per push.
+func reportLegs(b *testing.B, direct, proxy []pushTimes) {
+	md := median(direct, pushTimes.total)
+	relay := median(proxy, pushTimes.withoutCP) - median(direct, pushTimes.withoutCP)
+	b.ReportMetric(ms(relay), "relay-ms")
+	b.ReportMetric(100*float64(relay)/float64(md), "relay-%")
+	b.ReportMetric(ms(median(proxy, pushTimes.request)-median(direct, pushTimes.request)), "added-req-ms")
+	b.ReportMetric(ms(median(proxy, pushTimes.response)-median(direct, pushTimes.response)), "added-resp-ms")
+	b.ReportMetric(ms(median(direct, pushTimes.cp)), "cp-ms")
+}
+
+// dumpPushes appends every timed push to XDS_BENCH_DUMP, if set.
+func dumpPushes(b *testing.B, mode string, direct, proxy []pushTimes) {
+	name := os.Getenv("XDS_BENCH_DUMP")
+	if name == "" {
+		return
+	}
+	var out bytes.Buffer
+	for path, p := range map[string][]pushTimes{"direct": direct, "proxy": proxy} {
+		for _, t := range p {
+			fmt.Fprintf(&out, "%s %s %.3f %.3f %.3f %.3f %.3f\n", mode, path, ms(t.took), ms(t.first), ms(t.last), ms(t.request()), ms(t.cp()))
+		}
+	}
+	f, err := os.OpenFile(name, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err == nil {
+		_, err = f.Write(out.Bytes())
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+	}
+	if err != nil {
+		b.Fatalf("XDS_BENCH_DUMP: %v", err)
 	}
 }
 
@@ -153,13 +213,18 @@ func ms(d time.Duration) float64 { return float64(d) / 1e6 }
 // away. A relay that forwards as bytes arrive then adds little; one that
 // stores each message before sending it on adds the whole message's time
 // on the second hop.
-func startCPProcess(b *testing.B, n int, link string) string {
+func startCPProcess(b *testing.B, n int, link string) (string, *cpTimes) {
 	b.Helper()
 	bin := testenv.Build(b, "./e2e/controlplane/cmd/controlplane")
 	addr := "127.0.0.1:" + strconv.Itoa(freePort(b))
+	argv := []string{bin, "--timing", "--generate", strconv.Itoa(n), "--addr", addr}
+	if cpus := os.Getenv("XDS_BENCH_CP_CPUS"); cpus != "" {
+		testenv.RequireCommands(b, "taskset")
+		argv = append([]string{"taskset", "-c", cpus}, argv...)
+	}
 	var cmd *exec.Cmd
 	if link == "" {
-		cmd = exec.Command(bin, "--generate", strconv.Itoa(n), "--addr", addr)
+		cmd = exec.Command(argv[0], argv[1:]...)
 	} else {
 		ns := testenv.NewNetns(b, "cp")
 		testenv.RequireCommands(b, "tc")
@@ -180,15 +245,30 @@ func startCPProcess(b *testing.B, n int, link string) string {
 		shape[3] = veth + "p"
 		ns.Run(b, "tc", shape...)
 		addr = cpIP + ":15010"
-		cmd = ns.Command(bin, "--generate", strconv.Itoa(n), "--addr", addr)
+		argv[len(argv)-1] = addr
+		cmd = ns.Command(argv[0], argv[1:]...)
 	}
 	var stderr testenv.Buffer
 	cmd.Stderr = &stderr
+	if e := os.Getenv("XDS_BENCH_CP_ENV"); e != "" {
+		cmd.Env = append(os.Environ(), strings.Fields(e)...)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
 	}
+	cp := &cpTimes{seen: map[string]cpTiming{}}
+	read := make(chan struct{})
+	go func() {
+		defer close(read)
+		cp.read(out)
+	}()
 	b.Cleanup(func() {
 		_ = cmd.Process.Signal(os.Interrupt)
+		<-read
 		_ = cmd.Wait()
 	})
 	deadline := time.Now().Add(20 * time.Second)
@@ -196,7 +276,7 @@ func startCPProcess(b *testing.B, n int, link string) string {
 		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err == nil {
 			c.Close()
-			return addr
+			return addr, cp
 		}
 		if time.Now().After(deadline) {
 			b.Fatalf("control plane not listening on %s: %v\n%s", addr, err, stderr.String())
@@ -251,12 +331,12 @@ const envoyWindow = 256 << 20
 
 // push opens an ADS stream to target, subscribes to CDS, receives the
 // push, ACKs it and returns how long that took.
-func push(b *testing.B, target string, delta bool, i, services int) pushTimes {
+func push(b *testing.B, target string, delta bool, node string, services int) pushTimes {
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	tc := &timedConn{start: start}
-	c, err := controlplane.DialADS(ctx, target, delta, &core.Node{Id: "bench-" + strconv.Itoa(i)},
+	c, err := controlplane.DialADS(ctx, target, delta, &core.Node{Id: node},
 		grpc.WithInitialWindowSize(envoyWindow), grpc.WithInitialConnWindowSize(envoyWindow),
 		grpc.WithContextDialer(tc.dial))
 	if err != nil {
@@ -275,7 +355,7 @@ func push(b *testing.B, target string, delta bool, i, services int) pushTimes {
 	}
 	took := time.Since(start)
 	tc.mu.Lock()
-	pt := pushTimes{took, tc.first, tc.last}
+	pt := pushTimes{node: node, start: start, took: took, first: tc.first, last: tc.last}
 	tc.mu.Unlock()
 	if err := c.ACK(r, nil); err != nil {
 		b.Fatal(err)
@@ -316,13 +396,77 @@ func peakRSSMB(b *testing.B, pid int) float64 {
 	return 0
 }
 
-// pushTimes is one push's duration, and when its first 64 KiB and its
-// last bytes had arrived.
-type pushTimes struct{ took, first, last time.Duration }
+// pushTimes is one push: its duration, when its first 64 KiB and its last
+// bytes had arrived, and (from the control plane, cpTimes.fill) when the
+// request reached the control plane and when the response was ready.
+type pushTimes struct {
+	node              string
+	start             time.Time
+	took, first, last time.Duration
+	requested, ready  time.Time
+}
 
-func (p pushTimes) total() time.Duration      { return p.took }
-func (p pushTimes) firstBytes() time.Duration { return p.first }
-func (p pushTimes) lastByte() time.Duration   { return p.last }
+func (p pushTimes) total() time.Duration { return p.took }
+
+// request is the time to the control plane's receipt of the request.
+func (p pushTimes) request() time.Duration { return p.requested.Sub(p.start) }
+
+// cp is the control plane's own time: request to response ready.
+func (p pushTimes) cp() time.Duration { return p.ready.Sub(p.requested) }
+
+// response is the time from the response being ready to its being read.
+func (p pushTimes) response() time.Duration { return p.took - p.ready.Sub(p.start) }
+
+func (p pushTimes) withoutCP() time.Duration { return p.took - p.cp() }
+
+// cpTimes collects the control plane's --timing lines by node ID.
+type cpTimes struct {
+	mu   sync.Mutex
+	seen map[string]cpTiming
+}
+
+type cpTiming struct{ requested, ready time.Time }
+
+func (c *cpTimes) read(r io.Reader) {
+	sc := bufio.NewScanner(r)
+	for sc.Scan() {
+		// response <node> <type> <requested ns> <ready ns>
+		f := strings.Fields(sc.Text())
+		if len(f) != 5 || f[0] != "response" {
+			continue
+		}
+		req, err1 := strconv.ParseInt(f[3], 10, 64)
+		ready, err2 := strconv.ParseInt(f[4], 10, 64)
+		if err1 != nil || err2 != nil {
+			continue
+		}
+		c.mu.Lock()
+		c.seen[f[1]] = cpTiming{time.Unix(0, req), time.Unix(0, ready)}
+		c.mu.Unlock()
+	}
+}
+
+// fill sets the control plane's times of each push. The control plane
+// prints them before it sends the response, so they are there by now but
+// for the reading goroutine's lag.
+func (c *cpTimes) fill(b *testing.B, p []pushTimes) {
+	deadline := time.Now().Add(5 * time.Second)
+	for i := range p {
+		for {
+			c.mu.Lock()
+			t, ok := c.seen[p[i].node]
+			c.mu.Unlock()
+			if ok {
+				p[i].requested, p[i].ready = t.requested, t.ready
+				break
+			}
+			if time.Now().After(deadline) {
+				b.Fatalf("the control plane printed no timing for %s", p[i].node)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+}
 
 // timedConn records when the first 64 KiB of responses had arrived and
 // when the last read returned.

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"sync"
 	"syscall"
 
 	"go.uber.org/zap"
@@ -30,6 +31,7 @@ func run() error {
 	certPath := flag.String("tls-cert", "", "server certificate (PEM); with --tls-key serves TLS")
 	keyPath := flag.String("tls-key", "", "server key (PEM)")
 	token := flag.String("token", "", "bearer token every client must present (empty: none)")
+	timing := flag.Bool("timing", false, "print a line per response to stdout: \"response <node> <type> <first request> <ready to send>\", times in Unix ns (for benchmarks)")
 	flag.Parse()
 
 	var mesh controlplane.Mesh
@@ -48,6 +50,14 @@ func run() error {
 		return err
 	}
 	cfg := controlplane.Config{Addr: *addr, Token: *token, Log: log}
+	if *timing {
+		var mu sync.Mutex
+		cfg.OnResponse = func(t controlplane.ResponseTiming) {
+			mu.Lock()
+			defer mu.Unlock()
+			fmt.Printf("response %s %s %d %d\n", t.NodeID, t.TypeURL, t.Requested.UnixNano(), t.Responding.UnixNano())
+		}
+	}
 	if *certPath != "" || *keyPath != "" {
 		cert, err := tls.LoadX509KeyPair(*certPath, *keyPath)
 		if err != nil {
