@@ -18,6 +18,7 @@ import (
 	"github.com/outrigger-mesh/outrigger/agent/bootstrap"
 	"github.com/outrigger-mesh/outrigger/agent/config"
 	"github.com/outrigger-mesh/outrigger/agent/envoy"
+	"github.com/outrigger-mesh/outrigger/internal/maxprocs"
 	"github.com/outrigger-mesh/outrigger/internal/memlimit"
 	"github.com/outrigger-mesh/outrigger/internal/memtrim"
 )
@@ -102,6 +103,9 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags, typeArg string
 		log.Debug("memory settings", zap.Int("gogc", res.GCPercent), zap.Int64("memory_limit", res.MemoryLimit),
 			zap.Int64("cgroup_limit", res.CgroupLimit))
 	}
+	// One P unless GOMAXPROCS is set: see internal/maxprocs.
+	procs := maxprocs.Apply(os.Getenv, maxprocs.Default)
+	log.Debug("cpu settings", zap.Int("gomaxprocs", procs))
 	typ, err := config.ParseProxyType(typeArg)
 	if err != nil {
 		return err

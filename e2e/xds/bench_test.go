@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io"
 	"net"
@@ -20,6 +22,7 @@ import (
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 
 	"github.com/outrigger-mesh/outrigger/e2e/controlplane"
 	"github.com/outrigger-mesh/outrigger/e2e/internal/testenv"
@@ -56,10 +59,17 @@ import (
 // "-transport=grpc", the fallback transport, or "-gc-defaults=false -memtrim=false" to measure
 // without the agent's GC settings and start-up page trimming),
 // XDS_BENCH_PROXY_ENV (environment, e.g. "GODEBUG=gctrace=1"),
-// XDS_BENCH_PROFILE_DIR=<dir> (the proxy writes cpu-<mode>.pprof and
-// heap-<mode>.pprof there), XDS_BENCH_DUMP=<file> (every timed push, one
+// XDS_BENCH_PROFILE_DIR=<dir> (each proxy writes cpu-<name>-<mode>.pprof and
+// heap-<name>-<mode>.pprof there), XDS_BENCH_DUMP=<file> (every timed push, one
 // per line: mode, path, then in ms: total, first 64 KiB and last byte
 // received, request at the control plane, control plane's time), and
+// XDS_BENCH_VARIANT (a second proxy process, with these flags and
+// environment added, e.g. "GOMAXPROCS=1" or "-transport=grpc": its pushes
+// take turns with the others in the same loop and its figures are
+// reported with a "variant-" prefix, so two settings are compared on the
+// same machine at the same moment rather than across runs that differ by
+// more than the settings do), XDS_BENCH_TLS=1 (TLS on both paths, as to istiod's port 15012: the
+// stand-in Envoy's direct connections and the agent's upstream one), and
 // XDS_BENCH_CP_ENV and XDS_BENCH_CP_CPUS (the control plane's environment,
 // and the CPUs it may run on, for taskset: "0" with the benchmark itself
 // under "taskset -c 1" gives istiod a core of its own, as it has in a
@@ -69,10 +79,19 @@ func BenchmarkPush3000(b *testing.B) {
 	if v, err := strconv.Atoi(os.Getenv("XDS_BENCH_SERVICES")); err == nil {
 		services = v
 	}
+	var ca *controlplane.TestCA // TLS on both paths when set
+	var directCreds []grpc.DialOption
+	if os.Getenv("XDS_BENCH_TLS") != "" {
+		var err error
+		if ca, err = controlplane.NewTestCA(b.TempDir()); err != nil {
+			b.Fatal(err)
+		}
+		directCreds = []grpc.DialOption{grpc.WithTransportCredentials(clientTLS(b, ca.RootPath))}
+	}
 	cpAddr := os.Getenv("XDS_BENCH_CP_ADDR")
 	var cp *cpTimes // nil for an external control plane
 	if cpAddr == "" {
-		cpAddr, cp = startCPProcess(b, services, os.Getenv("XDS_BENCH_LINK"))
+		cpAddr, cp = startCPProcess(b, services, os.Getenv("XDS_BENCH_LINK"), ca)
 	}
 	gap := 200 * time.Millisecond
 	if v := os.Getenv("XDS_BENCH_GAP"); v != "" {
@@ -92,45 +111,66 @@ func BenchmarkPush3000(b *testing.B) {
 		if delta {
 			mode = "delta"
 		}
-		sock, pid, stop := startProxyProcess(b, bin, cpAddr, mode)
+		direct := &pushPath{name: "direct", target: cpAddr, opts: directCreds}
+		paths := []*pushPath{direct, startProxyProcess(b, "proxy", bin, cpAddr, mode, ca, "")}
+		if v := os.Getenv("XDS_BENCH_VARIANT"); v != "" {
+			paths = append(paths, startProxyProcess(b, "variant", bin, cpAddr, mode, ca, v))
+		}
 		b.Run(mode, func(b *testing.B) {
-			direct, proxy := cpAddr, "unix://"+sock
-			push(b, direct, delta, "warm-direct-"+mode, services) // not timed
-			push(b, proxy, delta, "warm-proxy-"+mode, services)
+			for _, p := range paths { // warm-up, not timed
+				push(b, p.target, delta, "warm-"+p.name+"-"+mode, services, p.opts...)
+			}
 			time.Sleep(gap)
-			var td, tp []pushTimes
-			cpu0 := cpuTime(b, pid)
+			for _, p := range paths[1:] {
+				p.cpu0 = cpuTime(b, p.pid)
+			}
 			for i := 0; b.Loop(); i++ {
-				// Alternate which goes first, so neither always follows
-				// the other's leftovers.
-				nd, np := fmt.Sprintf("bench-direct-%s-%d", mode, i), fmt.Sprintf("bench-proxy-%s-%d", mode, i)
-				if i%2 == 0 {
-					td = append(td, push(b, direct, delta, nd, services))
+				// Rotate which goes first, so none always follows
+				// another's leftovers.
+				for k := range paths {
+					p := paths[(i+k)%len(paths)]
+					p.times = append(p.times, push(b, p.target, delta, fmt.Sprintf("bench-%s-%s-%d", p.name, mode, i), services, p.opts...))
 					pause(b, gap)
-					tp = append(tp, push(b, proxy, delta, np, services))
-				} else {
-					tp = append(tp, push(b, proxy, delta, np, services))
-					pause(b, gap)
-					td = append(td, push(b, direct, delta, nd, services))
 				}
-				pause(b, gap)
 			}
-			cpuPerPush := ms(cpuTime(b, pid)-cpu0) / float64(len(tp))
-			md, mp := median(td, pushTimes.total), median(tp, pushTimes.total)
+			md := median(direct.times, pushTimes.total)
 			b.ReportMetric(ms(md), "direct-ms")
-			b.ReportMetric(ms(mp), "proxy-ms")
-			b.ReportMetric(100*float64(mp-md)/float64(md), "added-%")
-			b.ReportMetric(cpuPerPush, "agent-cpu-ms/op")
-			b.ReportMetric(peakRSSMB(b, pid), "peak-rss-MB")
 			if cp != nil {
-				cp.fill(b, td)
-				cp.fill(b, tp)
-				reportLegs(b, td, tp)
+				cp.fill(b, direct.times)
+				b.ReportMetric(ms(median(direct.times, pushTimes.cp)), "cp-ms")
 			}
-			dumpPushes(b, mode, td, tp)
+			for _, p := range paths[1:] {
+				prefix := ""
+				if p.name != "proxy" {
+					prefix = p.name + "-"
+				}
+				mp := median(p.times, pushTimes.total)
+				b.ReportMetric(ms(mp), prefix+"proxy-ms")
+				b.ReportMetric(100*float64(mp-md)/float64(md), prefix+"added-%")
+				b.ReportMetric(ms(cpuTime(b, p.pid)-p.cpu0)/float64(len(p.times)), prefix+"agent-cpu-ms/op")
+				b.ReportMetric(peakRSSMB(b, p.pid), prefix+"peak-rss-MB")
+				if cp != nil {
+					cp.fill(b, p.times)
+					reportLegs(b, prefix, direct.times, p.times)
+				}
+			}
+			dumpPushes(b, mode, paths)
 		})
-		stop()
+		for _, p := range paths[1:] {
+			p.stop()
+		}
 	}
+}
+
+// pushPath is one way to the control plane: direct, or through a proxy
+// process (pid, stop) started for the benchmark.
+type pushPath struct {
+	name, target string
+	opts         []grpc.DialOption
+	pid          int
+	stop         func()
+	cpu0         time.Duration
+	times        []pushTimes
 }
 
 // reportLegs reports where the added time is, with the control plane's
@@ -144,28 +184,30 @@ func BenchmarkPush3000(b *testing.B) {
 //   - added-req-ms: the request's way to the control plane (the stand-in
 //     Envoy's connection and request, and the agent's upstream request);
 //   - added-resp-ms: the response's way back (sending, relaying, the
-//     stand-in Envoy's read and decode);
-//   - cp-ms: the control plane's median time per push.
-func reportLegs(b *testing.B, direct, proxy []pushTimes) {
+//     stand-in Envoy's read and decode).
+func reportLegs(b *testing.B, prefix string, direct, proxy []pushTimes) {
 	md := median(direct, pushTimes.total)
 	relay := median(proxy, pushTimes.withoutCP) - median(direct, pushTimes.withoutCP)
-	b.ReportMetric(ms(relay), "relay-ms")
-	b.ReportMetric(100*float64(relay)/float64(md), "relay-%")
-	b.ReportMetric(ms(median(proxy, pushTimes.request)-median(direct, pushTimes.request)), "added-req-ms")
-	b.ReportMetric(ms(median(proxy, pushTimes.response)-median(direct, pushTimes.response)), "added-resp-ms")
-	b.ReportMetric(ms(median(direct, pushTimes.cp)), "cp-ms")
+	b.ReportMetric(ms(relay), prefix+"relay-ms")
+	b.ReportMetric(100*float64(relay)/float64(md), prefix+"relay-%")
+	b.ReportMetric(ms(median(proxy, pushTimes.request)-median(direct, pushTimes.request)), prefix+"added-req-ms")
+	b.ReportMetric(ms(median(proxy, pushTimes.response)-median(direct, pushTimes.response)), prefix+"added-resp-ms")
 }
 
 // dumpPushes appends every timed push to XDS_BENCH_DUMP, if set.
-func dumpPushes(b *testing.B, mode string, direct, proxy []pushTimes) {
+func dumpPushes(b *testing.B, mode string, paths []*pushPath) {
 	name := os.Getenv("XDS_BENCH_DUMP")
 	if name == "" {
 		return
 	}
 	var out bytes.Buffer
-	for path, p := range map[string][]pushTimes{"direct": direct, "proxy": proxy} {
-		for _, t := range p {
-			fmt.Fprintf(&out, "%s %s %.3f %.3f %.3f %.3f %.3f\n", mode, path, ms(t.took), ms(t.first), ms(t.last), ms(t.request()), ms(t.cp()))
+	for _, p := range paths {
+		for _, t := range p.times {
+			var req, cp float64 // unknown for an external control plane
+			if !t.requested.IsZero() {
+				req, cp = ms(t.request()), ms(t.cp())
+			}
+			fmt.Fprintf(&out, "%s %s %.3f %.3f %.3f %.3f %.3f\n", mode, p.name, ms(t.took), ms(t.first), ms(t.last), req, cp)
 		}
 	}
 	f, err := os.OpenFile(name, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
@@ -213,11 +255,15 @@ func ms(d time.Duration) float64 { return float64(d) / 1e6 }
 // away. A relay that forwards as bytes arrive then adds little; one that
 // stores each message before sending it on adds the whole message's time
 // on the second hop.
-func startCPProcess(b *testing.B, n int, link string) (string, *cpTimes) {
+func startCPProcess(b *testing.B, n int, link string, ca *controlplane.TestCA) (string, *cpTimes) {
 	b.Helper()
 	bin := testenv.Build(b, "./e2e/controlplane/cmd/controlplane")
 	addr := "127.0.0.1:" + strconv.Itoa(freePort(b))
-	argv := []string{bin, "--timing", "--generate", strconv.Itoa(n), "--addr", addr}
+	argv := []string{bin, "--timing", "--generate", strconv.Itoa(n)}
+	if ca != nil {
+		argv = append(argv, "--tls-cert", ca.CertPath, "--tls-key", ca.KeyPath)
+	}
+	argv = append(argv, "--addr", addr)
 	if cpus := os.Getenv("XDS_BENCH_CP_CPUS"); cpus != "" {
 		testenv.RequireCommands(b, "taskset")
 		argv = append([]string{"taskset", "-c", cpus}, argv...)
@@ -296,25 +342,37 @@ func freePort(b *testing.B) int {
 }
 
 // startProxyProcess runs xdsproxycmd towards upstream. stop ends it.
-func startProxyProcess(b *testing.B, bin, upstream, mode string) (sock string, pid int, stop func()) {
+func startProxyProcess(b *testing.B, name, bin, upstream, mode string, ca *controlplane.TestCA, variant string) *pushPath {
 	b.Helper()
-	sock = filepath.Join(b.TempDir(), "XDS")
+	sock := filepath.Join(b.TempDir(), "XDS")
 	args := []string{"-socket", sock, "-upstream", upstream}
+	if ca != nil {
+		args = append(args, "-root-ca", ca.RootPath, "-server-name", istiodName)
+	}
 	if dir := os.Getenv("XDS_BENCH_PROFILE_DIR"); dir != "" {
-		args = append(args, "-cpuprofile", filepath.Join(dir, "cpu-"+mode+".pprof"),
-			"-memprofile", filepath.Join(dir, "heap-"+mode+".pprof"))
+		args = append(args, "-cpuprofile", filepath.Join(dir, "cpu-"+name+"-"+mode+".pprof"),
+			"-memprofile", filepath.Join(dir, "heap-"+name+"-"+mode+".pprof"))
 	}
 	args = append(args, strings.Fields(os.Getenv("XDS_BENCH_PROXY_ARGS"))...)
+	env := strings.Fields(os.Getenv("XDS_BENCH_PROXY_ENV"))
+	// A variant's words are flags (leading "-") or environment (NAME=v).
+	for _, w := range strings.Fields(variant) {
+		if strings.HasPrefix(w, "-") {
+			args = append(args, w)
+		} else {
+			env = append(env, w)
+		}
+	}
 	cmd := exec.Command(bin, args...)
 	cmd.Stderr = os.Stderr
-	if e := os.Getenv("XDS_BENCH_PROXY_ENV"); e != "" {
-		cmd.Env = append(os.Environ(), strings.Fields(e)...)
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
 	}
 	if err := cmd.Start(); err != nil {
 		b.Fatal(err)
 	}
 	var once sync.Once
-	stop = func() {
+	stop := func() {
 		once.Do(func() {
 			_ = cmd.Process.Signal(os.Interrupt)
 			_ = cmd.Wait()
@@ -322,7 +380,24 @@ func startProxyProcess(b *testing.B, bin, upstream, mode string) (sock string, p
 	}
 	b.Cleanup(stop)
 	waitFile(b, sock)
-	return sock, cmd.Process.Pid, stop
+	return &pushPath{name: name, target: "unix://" + sock, pid: cmd.Process.Pid, stop: stop}
+}
+
+// istiodName is the name in the test CA's server certificate.
+const istiodName = "istiod.istio-system.svc"
+
+// clientTLS is what Envoy would use to reach istiod itself: TLS verified
+// with the mesh root.
+func clientTLS(b *testing.B, rootPath string) credentials.TransportCredentials {
+	pem, err := os.ReadFile(rootPath)
+	if err != nil {
+		b.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		b.Fatalf("%s: no certificate", rootPath)
+	}
+	return credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: istiodName, MinVersion: tls.VersionTLS12})
 }
 
 // envoyWindow is Envoy's default HTTP/2 stream and connection window
@@ -331,14 +406,14 @@ const envoyWindow = 256 << 20
 
 // push opens an ADS stream to target, subscribes to CDS, receives the
 // push, ACKs it and returns how long that took.
-func push(b *testing.B, target string, delta bool, node string, services int) pushTimes {
+func push(b *testing.B, target string, delta bool, node string, services int, opts ...grpc.DialOption) pushTimes {
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	tc := &timedConn{start: start}
-	c, err := controlplane.DialADS(ctx, target, delta, &core.Node{Id: node},
-		grpc.WithInitialWindowSize(envoyWindow), grpc.WithInitialConnWindowSize(envoyWindow),
-		grpc.WithContextDialer(tc.dial))
+	opts = append([]grpc.DialOption{grpc.WithInitialWindowSize(envoyWindow),
+		grpc.WithInitialConnWindowSize(envoyWindow), grpc.WithContextDialer(tc.dial)}, opts...)
+	c, err := controlplane.DialADS(ctx, target, delta, &core.Node{Id: node}, opts...)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/outrigger-mesh/outrigger/agent/xdsproxy"
+	"github.com/outrigger-mesh/outrigger/internal/maxprocs"
 	"github.com/outrigger-mesh/outrigger/internal/memlimit"
 	"github.com/outrigger-mesh/outrigger/internal/memtrim"
 )
@@ -30,10 +31,13 @@ func main() {
 
 func run() error {
 	socket := flag.String("socket", "", "unix socket to serve")
-	upstream := flag.String("upstream", "", "control plane host:port (plaintext)")
+	upstream := flag.String("upstream", "", "control plane host:port (plaintext unless -root-ca)")
+	rootCA := flag.String("root-ca", "", "TLS to the control plane, verified with this root certificate (PEM), as XDS_ROOT_CA")
+	serverName := flag.String("server-name", "", "the control plane's TLS server name, as ISTIOD_SAN (default: from the address)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	memProfile := flag.String("memprofile", "", "write a heap profile (with allocations) to this file at exit")
 	gcDefaults := flag.Bool("gc-defaults", true, "apply the agent's GC settings (memlimit.Apply), as proxy mode does")
+	procs := flag.Bool("maxprocs", true, "apply the agent's GOMAXPROCS (maxprocs.Apply), as proxy mode does")
 	trim := flag.Bool("memtrim", true, "hand start-up pages back to the kernel (memtrim.Trim) once serving, as proxy mode does")
 	transport := flag.String("transport", "", "xdsproxy.Config.Transport: cut-through (default) or grpc")
 	flag.Parse()
@@ -42,7 +46,11 @@ func run() error {
 			return err
 		}
 	}
-	p, err := xdsproxy.New(xdsproxy.Config{SocketPath: *socket, DiscoveryAddress: *upstream, Plaintext: true, Transport: *transport}, zap.NewNop())
+	if *procs {
+		maxprocs.Apply(os.Getenv, maxprocs.Default)
+	}
+	p, err := xdsproxy.New(xdsproxy.Config{SocketPath: *socket, DiscoveryAddress: *upstream,
+		Plaintext: *rootCA == "", RootCAPath: *rootCA, ServerName: *serverName, Transport: *transport}, zap.NewNop())
 	if err != nil {
 		return err
 	}
