@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -188,14 +189,17 @@ func (a *agent) dial(network, addr string) (net.Conn, error) {
 }
 
 // admin GETs Envoy's admin API in the namespace.
-func (a *agent) admin(path string) (int, string, error) {
+func (a *agent) admin(path string) (int, string, error) { return a.get(15000, path) }
+
+// get GETs http://127.0.0.1:port/path in the namespace.
+func (a *agent) get(port int, path string) (int, string, error) {
 	client := &http.Client{
 		Timeout: 3 * time.Second,
 		Transport: &http.Transport{DisableKeepAlives: true, DialContext: func(_ context.Context, network, addr string) (net.Conn, error) {
 			return a.dial(network, addr)
 		}},
 	}
-	resp, err := client.Get("http://127.0.0.1:15000" + path)
+	resp, err := client.Get("http://127.0.0.1:" + strconv.Itoa(port) + path)
 	if err != nil {
 		return 0, "", err
 	}
