@@ -347,7 +347,7 @@ func startProxyProcess(b *testing.B, name, bin, upstream, mode string, ca *contr
 	sock := filepath.Join(b.TempDir(), "XDS")
 	args := []string{"-socket", sock, "-upstream", upstream}
 	if ca != nil {
-		args = append(args, "-root-ca", ca.RootPath, "-server-name", istiodName)
+		args = append(args, "-root-ca", ca.RootPath, "-server-name", controlplane.IstiodSAN)
 	}
 	if dir := os.Getenv("XDS_BENCH_PROFILE_DIR"); dir != "" {
 		args = append(args, "-cpuprofile", filepath.Join(dir, "cpu-"+name+"-"+mode+".pprof"),
@@ -383,9 +383,6 @@ func startProxyProcess(b *testing.B, name, bin, upstream, mode string, ca *contr
 	return &pushPath{name: name, target: "unix://" + sock, pid: cmd.Process.Pid, stop: stop}
 }
 
-// istiodName is the name in the test CA's server certificate.
-const istiodName = "istiod.istio-system.svc"
-
 // clientTLS is what Envoy would use to reach istiod itself: TLS verified
 // with the mesh root.
 func clientTLS(b *testing.B, rootPath string) credentials.TransportCredentials {
@@ -397,7 +394,7 @@ func clientTLS(b *testing.B, rootPath string) credentials.TransportCredentials {
 	if !pool.AppendCertsFromPEM(pem) {
 		b.Fatalf("%s: no certificate", rootPath)
 	}
-	return credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: istiodName, MinVersion: tls.VersionTLS12})
+	return credentials.NewTLS(&tls.Config{RootCAs: pool, ServerName: controlplane.IstiodSAN, MinVersion: tls.VersionTLS12})
 }
 
 // envoyWindow is Envoy's default HTTP/2 stream and connection window

@@ -6,9 +6,9 @@
 // the Go scheduler wakes and spins a second thread at nearly every hand-off
 // between goroutines; on the xDS relay that costs more CPU than the
 // parallelism gives back, and the cycles are taken from Envoy and the
-// application beside it. With one P a 3000-service push costs the agent
-// about a fifth less CPU and arrives about 1 ms sooner (BenchmarkPush3000
-// with XDS_BENCH_VARIANT="-maxprocs=false", both in one run), and the
+// application beside it. With one P a 3000-service push cost the agent
+// 11-18% less CPU and arrived 0.7-1.6 ms sooner (BenchmarkPush3000 with a
+// default-Go agent as XDS_BENCH_VARIANT, both in one run), and the
 // agent never takes more than one core from the pod. The price is DNS
 // throughput at saturation (a few % to 11% fewer queries/s at 70,000+ per
 // second, far above what one pod asks).
