@@ -94,7 +94,7 @@ func runProxy(ctx context.Context, g *globalFlags, f *proxyFlags, typeArg string
 	signals := countSignals()
 	defer signals.stop()
 	// GC settings for a long-lived process sharing its container with
-	// Envoy: GOGC 50 unless set, and a soft memory limit at half of the
+	// Envoy: GOGC 25 unless set, and a soft memory limit at half of the
 	// container's cgroup limit unless GOMEMLIMIT is set (Envoy needs the
 	// rest; Istio uses 90%, as if the agent were alone).
 	if res, err := memlimit.Apply(memlimit.Config{Getenv: os.Getenv, FS: os.DirFS("/"), CgroupFraction: 0.5}); err != nil {

@@ -9,7 +9,7 @@ import (
 	"github.com/outrigger-mesh/outrigger/e2e/internal/testenv"
 )
 
-// TestRuntimeSettings: proxy mode runs Go on one P and with GOGC 50 unless
+// TestRuntimeSettings: proxy mode runs Go on one P and with GOGC 25 unless
 // the environment says otherwise, as the agent's own metrics report them.
 func TestRuntimeSettings(t *testing.T) {
 	testenv.RequireRoot(t)
@@ -18,7 +18,7 @@ func TestRuntimeSettings(t *testing.T) {
 		env               map[string]string
 		wantProcs, wantGC string
 	}{
-		{name: "defaults", env: map[string]string{"GOMAXPROCS": "", "GOGC": ""}, wantProcs: "1", wantGC: "50"},
+		{name: "defaults", env: map[string]string{"GOMAXPROCS": "", "GOGC": ""}, wantProcs: "1", wantGC: "25"},
 		{name: "operator's values", env: map[string]string{"GOMAXPROCS": "2", "GOGC": "80"}, wantProcs: "2", wantGC: "80"},
 	}
 	for _, tt := range tests {

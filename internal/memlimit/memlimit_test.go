@@ -72,10 +72,10 @@ func TestApply(t *testing.T) {
 		wantPct   int // -1: left alone
 		wantLimit int64
 	}{
-		{"defaults", Config{Getenv: env(nil), FS: cg}, 50, 900000000},
+		{"defaults", Config{Getenv: env(nil), FS: cg}, DefaultGCPercent, 900000000},
 		{"GOGC and GOMEMLIMIT set", Config{Getenv: env(map[string]string{"GOGC": "200", "GOMEMLIMIT": "1GiB"}), FS: cg}, -1, 0},
 		{"custom", Config{GCPercent: 30, CgroupFraction: 0.5, Getenv: env(nil), FS: cg}, 30, 500000000},
-		{"no cgroup limit", Config{Getenv: env(nil), FS: fstest.MapFS{}}, 50, 0},
+		{"no cgroup limit", Config{Getenv: env(nil), FS: fstest.MapFS{}}, DefaultGCPercent, 0},
 		{"opted out", Config{GCPercent: -1, CgroupFraction: -1, Getenv: env(nil), FS: cg}, -1, 0},
 	}
 	for _, tc := range tests {
