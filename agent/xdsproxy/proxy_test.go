@@ -3,9 +3,12 @@ package xdsproxy
 import (
 	"context"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -271,4 +274,59 @@ func TestRunStopsCleanly(t *testing.T) {
 	if err := p.Run(ctx); err != nil {
 		t.Errorf("Run after cancel = %v, want nil", err)
 	}
+}
+
+// Envoy's connections get the large send buffer (as large as the kernel's
+// net.core.wmem_max lets them), so a push is not held up waiting for the
+// netpoller to notice room in a small one.
+func TestEnvoyConnSendBuffer(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "XDS")
+	lis, err := listenUnix(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lis.Close()
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	sc, err := lis.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sc.Close()
+	got := sockOpt(t, sc, syscall.SO_SNDBUF)
+	want := envoySendBuffer
+	if b, err := os.ReadFile("/proc/sys/net/core/wmem_max"); err == nil {
+		if max, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && max < want {
+			want = max
+		}
+	}
+	want *= 2 // the kernel doubles what it is asked for
+	if got != want {
+		t.Errorf("SO_SNDBUF of an accepted Envoy connection is %d, want %d", got, want)
+	}
+	// The client's side is the kernel default, smaller: the setting
+	// really is the listener's doing.
+	if def := sockOpt(t, c, syscall.SO_SNDBUF); def >= got {
+		t.Errorf("default SO_SNDBUF %d is not below the agent's %d", def, got)
+	}
+}
+
+func sockOpt(t *testing.T, c net.Conn, opt int) int {
+	t.Helper()
+	raw, err := c.(syscall.Conn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v int
+	var gerr error
+	if err := raw.Control(func(fd uintptr) { v, gerr = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, opt) }); err != nil {
+		t.Fatal(err)
+	}
+	if gerr != nil {
+		t.Fatal(gerr)
+	}
+	return v
 }
