@@ -525,9 +525,20 @@ func (ss *ServerStream) Flush() error {
 // nothing was sent), RST_STREAM(NO_ERROR) if the client is still sending.
 func (ss *ServerStream) finish(herr error) {
 	st, c := ss.st, ss.st.c
+	st.mu.Lock()
+	stillSending := !st.recvDone
+	st.mu.Unlock()
 	c.mu.Lock()
 	alive := st.sendErr == nil && !c.closed
+	if alive && stillSending {
+		c.noteResetLocked(st.id) // its late frames are ignored
+	}
 	c.mu.Unlock()
+	// The stream leaves the table before its last frame goes out: a client
+	// that has seen END_STREAM and sends HEADERS on the stream again is then
+	// answered as for any closed stream (RFC 9113 §5.1), never as if the
+	// stream were still open.
+	c.removeStream(st)
 	if alive {
 		s := statusFromError(herr)
 		fields := make([]hpack.HeaderField, 0, 5)
@@ -541,14 +552,6 @@ func (ss *ServerStream) finish(herr error) {
 		if d := encodeStatusDetails(s); d != "" {
 			fields = append(fields, hpack.HeaderField{Name: "grpc-status-details-bin", Value: d})
 		}
-		st.mu.Lock()
-		stillSending := !st.recvDone
-		st.mu.Unlock()
-		if stillSending {
-			c.mu.Lock()
-			c.noteResetLocked(st.id)
-			c.mu.Unlock()
-		}
 		c.wmu.Lock()
 		if c.writeHeadersLocked(st.id, fields, true) == nil {
 			if stillSending {
@@ -558,6 +561,5 @@ func (ss *ServerStream) finish(herr error) {
 		}
 		c.unlockW()
 	}
-	c.removeStream(st)
 	st.terminate(status.Error(codes.Canceled, "h2grpc: handler returned"), true)
 }
