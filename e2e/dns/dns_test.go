@@ -11,7 +11,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -91,39 +90,18 @@ func (u *upstream) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	_ = w.WriteMsg(m)
 }
 
-// listenInNetns opens UDP and TCP sockets on addr inside the namespace:
-// the thread joins it only while creating them.
+// listenInNetns opens UDP and TCP sockets on addr inside the namespace.
 func listenInNetns(t *testing.T, ns *testenv.Netns, addr string) (net.PacketConn, net.Listener) {
 	t.Helper()
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	self, err := os.Open("/proc/thread-self/ns/net")
+	var pc net.PacketConn
+	var err error
+	if nserr := ns.Do(func() { pc, err = net.ListenPacket("udp", addr) }); nserr != nil {
+		t.Fatal(nserr)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer self.Close()
-	target, err := os.Open(ns.Path())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer target.Close()
-	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-		t.Fatalf("setns: %v", err)
-	}
-	defer func() {
-		if err := unix.Setns(int(self.Fd()), unix.CLONE_NEWNET); err != nil {
-			panic("cannot return to the test's network namespace: " + err.Error())
-		}
-	}()
-	pc, err := net.ListenPacket("udp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pc, l
+	return pc, ns.Listen(t, "tcp", addr)
 }
 
 func startUpstream(t *testing.T, ns *testenv.Netns) *upstream {

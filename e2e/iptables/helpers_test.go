@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -49,31 +48,7 @@ func TestMain(m *testing.M) {
 // and processes it starts belong to it.
 func inNS(t testing.TB, ns *testenv.Netns, fn func()) {
 	t.Helper()
-	target, err := os.Open(ns.Path())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer target.Close()
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
-		if err != nil {
-			done <- err
-			return
-		}
-		defer orig.Close()
-		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-			done <- err
-			return
-		}
-		fn()
-		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err == nil {
-			runtime.UnlockOSThread()
-		}
-		done <- nil
-	}()
-	if err := <-done; err != nil {
+	if err := ns.Do(fn); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -40,14 +40,14 @@ func BenchmarkAgentIdle(b *testing.B) {
 	ns := testenv.NewNetns(b, "pxbench")
 	var startupRSS, idleRSS, spawn float64
 	for i := 0; i < b.N; i++ {
+		cp := startControlPlane(b, ns, 9080)
 		start := time.Now()
-		a := startAgent(b, agentOpts{ns: ns, proxyConfig: `"terminationDrainDuration": "0s"`,
+		a := startAgent(b, agentOpts{ns: ns, proxyConfig: `"terminationDrainDuration": "0s", ` + upstreamConfig(cp),
 			env: map[string]string{"OUTRIGGER_MEMTRIM_DELAY": "2s"}})
 		for len(a.starts()) == 0 {
 			time.Sleep(200 * time.Microsecond)
 		}
 		spawn += float64(time.Since(start).Microseconds()) / 1000
-		startControlPlane(b, a, 9080)
 		a.waitReady(b)
 		time.Sleep(time.Second) // let start-up garbage settle
 		startupRSS += vmRSS(b, a.cmd.Process.Pid)

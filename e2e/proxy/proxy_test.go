@@ -13,7 +13,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -22,7 +21,6 @@ import (
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
-	"golang.org/x/sys/unix"
 
 	"github.com/outrigger-mesh/outrigger/e2e/envoysim/controlplane"
 	"github.com/outrigger-mesh/outrigger/e2e/internal/testenv"
@@ -51,6 +49,11 @@ type agentOpts struct {
 	args        []string          // extra proxy flags
 	files       map[string]string // files to create under the working dir
 	ns          *testenv.Netns    // reuse a namespace
+	// inboundPort, when set, starts a control plane in the namespace before
+	// the agent and points the agent's xDS proxy at it (plaintext): Envoy
+	// gets a TCP listener on 127.0.0.1:inboundPort through the agent, as in
+	// a pod.
+	inboundPort uint32
 }
 
 func startAgent(t testing.TB, o agentOpts) *agent {
@@ -76,6 +79,9 @@ func startAgent(t testing.TB, o agentOpts) *agent {
 		extra := strings.TrimSpace(o.proxyConfig)
 		if extra != "" {
 			extra = ", " + extra
+		}
+		if o.inboundPort != 0 {
+			extra += ", " + upstreamConfig(startControlPlane(t, ns, o.inboundPort))
 		}
 		pc = fmt.Sprintf(`{"binaryPath": %q, "concurrency": 2%s}`, sim, extra)
 	}
@@ -153,39 +159,12 @@ func (a *agent) waitStarts(t testing.TB, n int, timeout time.Duration) []string 
 // dial connects to addr from inside the agent's namespace: the socket is
 // created on a thread that has joined the namespace, and stays there.
 func (a *agent) dial(network, addr string) (net.Conn, error) {
-	type result struct {
-		c   net.Conn
-		err error
+	var c net.Conn
+	var err error
+	if nserr := a.ns.Do(func() { c, err = net.DialTimeout(network, addr, 5*time.Second) }); nserr != nil {
+		return nil, nserr
 	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open("/proc/thread-self/ns/net")
-		if err != nil {
-			ch <- result{err: err}
-			return
-		}
-		defer orig.Close()
-		target, err := os.Open(a.ns.Path())
-		if err != nil {
-			ch <- result{err: err}
-			return
-		}
-		defer target.Close()
-		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-			ch <- result{err: err}
-			return
-		}
-		c, err := net.DialTimeout(network, addr, 5*time.Second)
-		// Only a thread back in its own namespace may serve other
-		// goroutines; otherwise it dies with this one (still locked).
-		if unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil {
-			runtime.UnlockOSThread()
-		}
-		ch <- result{c, err}
-	}()
-	r := <-ch
-	return r.c, r.err
+	return c, err
 }
 
 // admin GETs Envoy's admin API in the namespace.
@@ -228,28 +207,21 @@ func (a *agent) waitReady(t testing.TB) {
 	}
 }
 
-// startControlPlane serves CDS+LDS on the agent's XDS socket path until the
-// xDS proxy exists: an inbound TCP listener on 127.0.0.1:port.
-// startControlPlane takes the agent's xDS socket over with a control plane
-// serving a TCP listener on port. It does so once the agent serves on the
-// socket (not before: the agent still sets the socket's mode, and would
-// fail) and before Envoy starts: an Envoy that connected to the agent's
-// proxy first would stay on it (istiod is unreachable here) and never
-// become ready.
-func startControlPlane(t testing.TB, a *agent, port uint32) *controlplane.Server {
+// startControlPlane serves, inside ns, CDS and LDS for an inbound TCP
+// listener on 127.0.0.1:port, and returns the control plane's address.
+func startControlPlane(t testing.TB, ns *testenv.Netns, port uint32) string {
 	t.Helper()
-	sock := filepath.Join(a.dir, "etc/istio/proxy/XDS")
-	deadline := time.Now().Add(20 * time.Second)
-	for !strings.Contains(a.out.String(), "serving xDS") {
-		if time.Now().After(deadline) {
-			t.Fatalf("the agent never served xDS on %s", sock)
-		}
-		time.Sleep(time.Millisecond)
-	}
-	cp := controlplane.Start(t, sock)
-	cp.Set(t, nodeID, "1", []*clusterv3.Cluster{controlplane.Cluster("inbound|9080||")},
-		[]*listenerv3.Listener{controlplane.TCPListener("virtualInbound", "127.0.0.1", port, "inbound|9080||")})
-	return cp
+	ln := ns.Listen(t, "tcp", "127.0.0.1:0")
+	cp := controlplane.Serve(t, ln)
+	cp.Set(t, nodeID, "1", []*clusterv3.Cluster{controlplane.Cluster(fmt.Sprintf("inbound|%d||", port))},
+		[]*listenerv3.Listener{controlplane.TCPListener("virtualInbound", "127.0.0.1", port, fmt.Sprintf("inbound|%d||", port))})
+	return ln.Addr().String()
+}
+
+// upstreamConfig is the PROXY_CONFIG fragment that points the agent's xDS
+// proxy at a plaintext control plane on addr.
+func upstreamConfig(addr string) string {
+	return fmt.Sprintf(`"discoveryAddress": %q, "controlPlaneAuthPolicy": "NONE"`, addr)
 }
 
 func echo(t testing.TB, c net.Conn, msg string) error {
@@ -271,8 +243,7 @@ func echo(t testing.TB, c net.Conn, msg string) error {
 func TestReadyThenSIGTERMDrainsWithConnectionOpen(t *testing.T) {
 	testenv.RequireRoot(t)
 	const drain = 3 * time.Second
-	a := startAgent(t, agentOpts{proxyConfig: `"terminationDrainDuration": "3s"`})
-	startControlPlane(t, a, 9080)
+	a := startAgent(t, agentOpts{proxyConfig: `"terminationDrainDuration": "3s"`, inboundPort: 9080})
 	a.waitStarts(t, 1, 20*time.Second)
 	a.waitReady(t)
 	_, stats, err := a.admin(`/stats?usedonly&filter=^(server\.state|listener_manager\.workers_started)`)
@@ -324,8 +295,8 @@ func TestExitOnZeroActiveConnections(t *testing.T) {
 	a := startAgent(t, agentOpts{
 		proxyConfig: `"terminationDrainDuration": "60s"`,
 		env:         map[string]string{"EXIT_ON_ZERO_ACTIVE_CONNECTIONS": "true", "MINIMUM_DRAIN_DURATION": "1s"},
+		inboundPort: 9080,
 	})
-	startControlPlane(t, a, 9080)
 	a.waitStarts(t, 1, 20*time.Second)
 	a.waitReady(t)
 	c, err := a.dial("tcp", "127.0.0.1:9080")
@@ -443,8 +414,7 @@ func TestBadConfigStartsNoEnvoy(t *testing.T) {
 func TestSecondSignalSkipsTheDrainWait(t *testing.T) {
 	testenv.RequireRoot(t)
 	const drain = 60 * time.Second
-	a := startAgent(t, agentOpts{proxyConfig: `"terminationDrainDuration": "60s"`})
-	startControlPlane(t, a, 9080)
+	a := startAgent(t, agentOpts{proxyConfig: `"terminationDrainDuration": "60s"`, inboundPort: 9080})
 	a.waitStarts(t, 1, 20*time.Second)
 	a.waitReady(t)
 	if err := a.cmd.Process.Signal(syscall.SIGTERM); err != nil {

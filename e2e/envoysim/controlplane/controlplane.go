@@ -1,6 +1,6 @@
 // Package controlplane is a small xDS server for tests that run envoysim:
 // go-control-plane's ADS server (SotW and Delta) over a snapshot cache,
-// listening on a unix socket, recording the requests it gets so a test can
+// listening on a unix socket or any listener, recording the requests it gets so a test can
 // see ACKs and NACKs.
 package controlplane
 
@@ -60,6 +60,12 @@ func Start(t testing.TB, socket string) *Server {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return Serve(t, ln)
+}
+
+// Serve serves ADS on ln until the test ends.
+func Serve(t testing.TB, ln net.Listener) *Server {
+	t.Helper()
 	s := &Server{Cache: cache.NewSnapshotCache(false, cache.IDHash{}, nil)}
 	cb := server.CallbackFuncs{
 		StreamRequestFunc: func(_ int64, r *discoverygrpc.DiscoveryRequest) error {

@@ -9,22 +9,18 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	adminv3 "github.com/envoyproxy/go-control-plane/envoy/admin/v3"
-	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/outrigger-mesh/outrigger/e2e/internal/testenv"
@@ -281,33 +277,7 @@ func (s *Sim) Certs(t testing.TB) *adminv3.Certificates {
 // processes it starts belong to ns.
 func InNetns(t testing.TB, ns *testenv.Netns, fn func()) {
 	t.Helper()
-	target, err := os.Open(ns.Path())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer target.Close()
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open("/proc/self/task/" + strconv.Itoa(unix.Gettid()) + "/ns/net")
-		if err != nil {
-			done <- err
-			return
-		}
-		defer orig.Close()
-		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-			done <- fmt.Errorf("setns %s: %w", ns.Name, err)
-			return
-		}
-		fn()
-		// A thread that cannot go back stays locked and dies with the
-		// goroutine.
-		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err == nil {
-			runtime.UnlockOSThread()
-		}
-		done <- nil
-	}()
-	if err := <-done; err != nil {
+	if err := ns.Do(fn); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -5,6 +5,7 @@ package testenv
 import (
 	"bytes"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +14,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 var (
@@ -148,6 +151,55 @@ func (n *Netns) RunErr(name string, args ...string) (string, error) {
 // Command returns an unstarted command that runs inside the namespace.
 func (n *Netns) Command(name string, args ...string) *exec.Cmd {
 	return exec.Command("ip", append([]string{"netns", "exec", n.Name, name}, args...)...)
+}
+
+// Do runs fn on an OS thread inside the namespace: sockets fn opens and
+// processes it starts belong to the namespace, and stay there after fn
+// returns.
+func (n *Netns) Do(fn func()) error {
+	target, err := os.Open(n.Path())
+	if err != nil {
+		return err
+	}
+	defer target.Close()
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			done <- err
+			return
+		}
+		defer orig.Close()
+		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+			done <- fmt.Errorf("setns %s: %w", n.Name, err)
+			return
+		}
+		fn()
+		// Only a thread back in the test's namespace may run other
+		// goroutines; one that cannot go back stays locked and ends with
+		// this goroutine.
+		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err == nil {
+			runtime.UnlockOSThread()
+		}
+		done <- nil
+	}()
+	return <-done
+}
+
+// Listen opens a listener inside the namespace, closed when the test ends.
+func (n *Netns) Listen(t testing.TB, network, addr string) net.Listener {
+	t.Helper()
+	var ln net.Listener
+	var lerr error
+	if err := n.Do(func() { ln, lerr = net.Listen(network, addr) }); err != nil {
+		t.Fatal(err)
+	}
+	if lerr != nil {
+		t.Fatalf("listen on %s in %s: %v", addr, n.Name, lerr)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln
 }
 
 // Pair is a pod namespace and a peer namespace joined by a veth pair:
