@@ -14,6 +14,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -232,11 +233,29 @@ func NewPair(t testing.TB, prefix string, ipv6 bool) *Pair {
 		side.ns.Run(t, "ip", "addr", "add", side.ip+"/24", "dev", "eth0")
 		if ipv6 {
 			side.ns.Run(t, "ip", "-6", "addr", "add", side.ip6+"/64", "dev", "eth0", "nodad")
+			// The link-local address eth0 gets when it comes up skips
+			// duplicate address detection too (it took about a second).
+			side.ns.Run(t, "sysctl", "-q", "-w", "net.ipv6.conf.eth0.accept_dad=0")
 		} else {
 			side.ns.Run(t, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1")
 		}
 		side.ns.Run(t, "ip", "link", "set", "eth0", "up")
 	}
 	p.Pod.Run(t, "ip", "route", "add", "default", "via", p.PeerIP)
+	if ipv6 {
+		// The kernel adds the link-local address's local route a moment
+		// after the link comes up: wait for it, so that a test comparing
+		// the namespace's state before and after a change sees only the
+		// change.
+		for _, ns := range []*Netns{p.Pod, p.Peer} {
+			deadline := time.Now().Add(10 * time.Second)
+			for !strings.Contains(ns.Run(t, "ip", "-6", "route", "show", "table", "local", "dev", "eth0"), "fe80::") {
+				if time.Now().After(deadline) {
+					t.Fatalf("%s: eth0 has no link-local route 10 s after coming up", ns.Name)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+	}
 	return p
 }
