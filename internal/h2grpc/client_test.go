@@ -504,11 +504,16 @@ func TestClientReadAhead(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The request stays open, so the stream does too once the answer is
-	// read.
+	// read. Write leaves the message's tail buffered: only Flush puts it on
+	// the wire (without it the test hung whenever no PING ack happened to
+	// flush the tail).
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		if _, err := cs.Write(frameMsg(payload(size))); err != nil {
 			t.Errorf("Write: %v", err)
+		}
+		if err := cs.Flush(); err != nil {
+			t.Errorf("Flush: %v", err)
 		}
 	})
 	var hdr [5]byte
