@@ -95,9 +95,7 @@ func listenInNetns(t *testing.T, ns *testenv.Netns, addr string) (net.PacketConn
 	t.Helper()
 	var pc net.PacketConn
 	var err error
-	if nserr := ns.Do(func() { pc, err = net.ListenPacket("udp", addr) }); nserr != nil {
-		t.Fatal(nserr)
-	}
+	ns.In(t, func() { pc, err = net.ListenPacket("udp", addr) })
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -69,7 +69,7 @@ func serveLines(t *testing.T, ns *testenv.Netns, addr, tag string) func() []stri
 	t.Helper()
 	var ln net.Listener
 	var err error
-	simtest.InNetns(t, ns, func() { ln, err = net.Listen("tcp", addr) })
+	ns.In(t, func() { ln, err = net.Listen("tcp", addr) })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -106,7 +106,7 @@ func dialIn(t *testing.T, ns *testenv.Netns, addr, line string) string {
 	t.Helper()
 	var c net.Conn
 	var err error
-	simtest.InNetns(t, ns, func() { c, err = net.DialTimeout("tcp", addr, 3*time.Second) })
+	ns.In(t, func() { c, err = net.DialTimeout("tcp", addr, 3*time.Second) })
 	if err != nil {
 		t.Fatalf("dial %s: %v", addr, err)
 	}
@@ -134,7 +134,7 @@ func TestCaptureAsProxyUID(t *testing.T) {
 	webLn := func() net.Listener {
 		var ln net.Listener
 		var err error
-		simtest.InNetns(t, p.Peer, func() { ln, err = net.Listen("tcp", p.PeerIP+":8081") })
+		p.Peer.In(t, func() { ln, err = net.Listen("tcp", p.PeerIP+":8081") })
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -167,7 +167,7 @@ func TestCaptureAsProxyUID(t *testing.T) {
 	// http.Client would dial from another thread, outside it.)
 	var hc net.Conn
 	var err error
-	simtest.InNetns(t, p.Pod, func() { hc, err = net.DialTimeout("tcp", "10.96.0.6:80", 3*time.Second) })
+	p.Pod.In(t, func() { hc, err = net.DialTimeout("tcp", "10.96.0.6:80", 3*time.Second) })
 	if err != nil {
 		t.Fatal(err)
 	}

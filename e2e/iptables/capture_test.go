@@ -88,7 +88,7 @@ func TestCapture(t *testing.T) {
 			})
 			t.Run("DNS over UDP and TCP reaches 15053", func(t *testing.T) {
 				var udp *net.UDPConn
-				inNS(t, p.Pod, func() {
+				p.Pod.In(t, func() {
 					c, err := net.ListenPacket("udp", "0.0.0.0:15053")
 					if err != nil {
 						t.Error(err)
@@ -101,7 +101,7 @@ func TestCapture(t *testing.T) {
 				}
 				defer udp.Close()
 				tcp := listen(t, p.Pod, "0.0.0.0:15053", false)
-				inNS(t, p.Pod, func() {
+				p.Pod.In(t, func() {
 					c, err := net.Dial("udp", p.PeerIP+":53")
 					if err != nil {
 						t.Error(err)

@@ -44,22 +44,13 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
-// inNS runs fn on a thread inside the named namespace: sockets fn opens
-// and processes it starts belong to it.
-func inNS(t testing.TB, ns *testenv.Netns, fn func()) {
-	t.Helper()
-	if err := ns.Do(fn); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // listen opens a TCP listener in ns (transparent: IP_TRANSPARENT, for
 // TPROXY).
 func listen(t testing.TB, ns *testenv.Netns, addr string, transparent bool) *net.TCPListener {
 	t.Helper()
 	var ln net.Listener
 	var err error
-	inNS(t, ns, func() {
+	ns.In(t, func() {
 		lc := net.ListenConfig{Control: func(network, _ string, c syscall.RawConn) error {
 			var serr error
 			err := c.Control(func(fd uintptr) {
@@ -120,7 +111,7 @@ func acceptOne(t testing.TB, ln *net.TCPListener, origDst bool) (accepted, bool)
 // not an error: what matters is which listener saw the SYN.
 func dial(t testing.TB, ns *testenv.Netns, addr, payload string) {
 	t.Helper()
-	inNS(t, ns, func() {
+	ns.In(t, func() {
 		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err != nil {
 			return
@@ -135,7 +126,7 @@ func dial(t testing.TB, ns *testenv.Netns, addr, payload string) {
 func dialAs1337(t testing.TB, ns *testenv.Netns, addr string) string {
 	t.Helper()
 	var out []byte
-	inNS(t, ns, func() {
+	ns.In(t, func() {
 		cmd := exec.Command("/proc/self/exe", "-test.run=^$")
 		cmd.Env = append(os.Environ(), helperEnv+"="+addr)
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 1337, Gid: 1337}}

@@ -20,7 +20,7 @@ func runAs1337(t *testing.T, ns *testenv.Netns, args ...string) (int, string) {
 	bin := worldExecutable(t, testenv.Outrigger(t))
 	var out []byte
 	var err error
-	inNS(t, ns, func() {
+	ns.In(t, func() {
 		cmd := exec.Command(bin, append([]string{"istio-iptables"}, args...)...)
 		cmd.Env = os.Environ()
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 1337, Gid: 1337}}

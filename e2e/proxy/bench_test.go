@@ -40,9 +40,9 @@ func BenchmarkAgentIdle(b *testing.B) {
 	ns := testenv.NewNetns(b, "pxbench")
 	var startupRSS, idleRSS, spawn float64
 	for i := 0; i < b.N; i++ {
-		cp := startControlPlane(b, ns, 9080)
+		cpAddr := startControlPlane(b, ns, 9080)
 		start := time.Now()
-		a := startAgent(b, agentOpts{ns: ns, proxyConfig: `"terminationDrainDuration": "0s", ` + upstreamConfig(cp),
+		a := startAgent(b, agentOpts{ns: ns, proxyConfig: `"terminationDrainDuration": "0s", ` + upstreamConfig(cpAddr),
 			env: map[string]string{"OUTRIGGER_MEMTRIM_DELAY": "2s"}})
 		for len(a.starts()) == 0 {
 			time.Sleep(200 * time.Microsecond)

@@ -1,7 +1,7 @@
 // Package controlplane is a small xDS server for tests that run envoysim:
-// go-control-plane's ADS server (SotW and Delta) over a snapshot cache,
-// listening on a unix socket or any listener, recording the requests it gets so a test can
-// see ACKs and NACKs.
+// go-control-plane's ADS server (SotW and Delta) over a snapshot cache, on
+// a unix socket or any listener, recording the requests it gets so a test
+// can see ACKs and NACKs.
 package controlplane
 
 import (

@@ -123,7 +123,7 @@ func Start(t testing.TB, bootstrap string, o Options) *Sim {
 	start := func() error { return s.cmd.Start() }
 	var err error
 	if o.Netns != nil {
-		InNetns(t, o.Netns, func() { err = start() })
+		o.Netns.In(t, func() { err = start() })
 	} else {
 		err = start()
 	}
@@ -271,13 +271,4 @@ func (s *Sim) Certs(t testing.TB) *adminv3.Certificates {
 		t.Fatalf("/certs: %v\n%s", err, body)
 	}
 	return out
-}
-
-// InNetns runs fn on an OS thread inside ns: sockets it opens and
-// processes it starts belong to ns.
-func InNetns(t testing.TB, ns *testenv.Netns, fn func()) {
-	t.Helper()
-	if err := ns.Do(fn); err != nil {
-		t.Fatal(err)
-	}
 }

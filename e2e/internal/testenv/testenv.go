@@ -188,6 +188,14 @@ func (n *Netns) Do(fn func()) error {
 	return <-done
 }
 
+// In is Do that fails the test if the thread cannot join the namespace.
+func (n *Netns) In(t testing.TB, fn func()) {
+	t.Helper()
+	if err := n.Do(fn); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // Listen opens a listener inside the namespace, closed when the test ends.
 func (n *Netns) Listen(t testing.TB, network, addr string) net.Listener {
 	t.Helper()
