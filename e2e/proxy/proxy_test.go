@@ -213,8 +213,9 @@ func startControlPlane(t testing.TB, ns *testenv.Netns, port uint32) string {
 	t.Helper()
 	ln := ns.Listen(t, "tcp", "127.0.0.1:0")
 	cp := controlplane.Serve(t, ln)
-	cp.Set(t, nodeID, "1", []*clusterv3.Cluster{controlplane.Cluster(fmt.Sprintf("inbound|%d||", port))},
-		[]*listenerv3.Listener{controlplane.TCPListener("virtualInbound", "127.0.0.1", port, fmt.Sprintf("inbound|%d||", port))})
+	cluster := fmt.Sprintf("inbound|%d||", port)
+	cp.Set(t, nodeID, "1", []*clusterv3.Cluster{controlplane.Cluster(cluster)},
+		[]*listenerv3.Listener{controlplane.TCPListener("virtualInbound", "127.0.0.1", port, cluster)})
 	return ln.Addr().String()
 }
 
